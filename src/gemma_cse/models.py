@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
+import threading
 import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gemma_cse.cli import UserError
 
@@ -88,23 +93,70 @@ def gguf_preset(gguf_path: Path, name: str | None = None) -> Path:
     return target
 
 
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host (or its HTTPS proxy) opens within ``timeout``.
+
+    Runs in a daemon thread so that a hanging DNS lookup cannot stall the caller either.
+    """
+    parts = urlsplit(urllib.request.getproxies().get("https") or url)
+    address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result)
+
+
+def hf_preset(spec: str) -> str:
+    """``hf://org/name`` as is when the Hub can be reached, else its cached local snapshot.
+
+    Offline (``HF_HUB_OFFLINE=1``, or the Hub does not answer) huggingface_hub would retry for
+    half a minute and KerasHub then blames a missing config.json; fail at once instead.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    repo_id = spec.removeprefix("hf://")
+    if not re.fullmatch(r"(?:[\w.-]+/)?[\w.-]+", repo_id):
+        raise UserError(f"{spec!r} is not a Hugging Face model: expected hf://org/name")
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    offline = offline_env or constants.is_offline_mode()  # the env var as it is now
+    if not offline and reachable(constants.ENDPOINT):
+        return spec
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError), or not an org/name handle
+        pass
+    why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
+    raise UserError(f"{spec} needs a download and {why}; {EMBEDDED_HINT}")
+
+
 def resolve_preset(spec: str) -> str:
     """The preset handle KerasHub's ``from_preset`` takes for ``spec``."""
-    import keras_hub
-
     if spec == EMBEDDED:
         return str(gguf_preset(embedded_gguf(), name="gemma3-270m"))
     if spec.startswith("embedded:"):
         raise UserError(f"unknown embedded model {spec!r}; the one shipped is {EMBEDDED}")
     if spec.endswith(".gguf"):
         return str(gguf_preset(Path(spec)))
-    if spec.startswith(("hf://", "kaggle://")):
+    if spec.startswith("hf://"):
+        return hf_preset(spec)
+    if spec.startswith("kaggle://"):
         return spec
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: no config.json, so not a KerasHub or Hugging Face preset")
         return str(path)
+    import keras_hub  # only here: the cheap checks above fail fast without importing it
+
     if spec in keras_hub.models.CausalLM.presets:
         return spec
     raise UserError(
@@ -115,9 +167,9 @@ def resolve_preset(spec: str) -> str:
 
 def load_causal_lm(spec: str = EMBEDDED, dtype: str | None = None):
     """Load ``spec`` as a KerasHub ``CausalLM`` with its preprocessor attached."""
+    preset = resolve_preset(spec)
     import keras_hub
 
-    preset = resolve_preset(spec)
     try:
         return keras_hub.models.CausalLM.from_preset(preset, dtype=dtype)
     except (OSError, ConnectionError) as err:  # requests/hub errors subclass OSError
@@ -127,3 +179,6 @@ def load_causal_lm(spec: str = EMBEDDED, dtype: str | None = None):
             f"{spec} needs a download and the model hub cannot be reached "
             f"({type(err).__name__}); {EMBEDDED_HINT}"
         ) from None
+    except ValueError as err:  # KerasHub's word for a preset it cannot use (no config.json...)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{spec}: cannot load as a KerasHub CausalLM ({reason})") from None
