@@ -127,12 +127,12 @@ def hf_preset(spec: str) -> str:
     if not re.fullmatch(r"(?:[\w.-]+/)?[\w.-]+", repo_id):
         raise UserError(f"{spec!r} is not a Hugging Face model: expected hf://org/name")
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    offline = offline_env or constants.is_offline_mode()  # the env var as it is now
+    offline = offline_env or constants.is_offline_mode()  # the latter was read at import
     if not offline and reachable(constants.ENDPOINT):
         return spec
     try:
         return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not cached (LocalEntryNotFoundError), or not an org/name handle
+    except Exception:  # not cached: LocalEntryNotFoundError, or an incomplete snapshot
         pass
     why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
     raise UserError(f"{spec} needs a download and {why}; {EMBEDDED_HINT}")

@@ -448,17 +448,18 @@ def train(config: Config, fresh: bool = False) -> dict:
     plot_curves(run_dir / "metrics.csv", run_dir / "training_curve.png")
     save_merged_preset(config, causal_lm, run_dir / "preset")
     final = {k: float(v[-1]) for k, v in history.history.items()} if history.history else {}
-    tokens = sum(len(ids) for ids, _ in train_enc) * max(1, len(history.epoch))
+    epochs_run = len(history.epoch)  # epochs run by this call (after a resume: the rest)
+    tokens = sum(int(b[0]["padding_mask"].sum()) for b in train_batches) * max(1, epochs_run)
     info = {
         "name": config.name,
         "base_model": config.model,
         "data": config.data,
         "data_hash": data_hash(entries),
         "code_version": code_version(),
-        "epochs_run": len(history.epoch),
+        "epochs_run": epochs_run,
         "resumed_from_epoch": start_epoch,
         "train_seconds": round(seconds, 1),
-        "train_tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "train_tokens_per_second_wall": round(tokens / seconds, 1) if seconds else None,
         "final_metrics": final,
         "splits": splits.counts(),
     }
