@@ -12,7 +12,6 @@ import argparse
 import time
 
 import keras
-import numpy as np
 
 from gemma_cse.config import Config
 from gemma_cse.data import load_entries, make_splits, pack
@@ -53,7 +52,10 @@ def main() -> None:
     compile_model(causal_lm)
     results["a) full logits, 262k vocab"] = timed_steps(causal_lm, x, y, w, args.steps)
 
-    for label, subset in (("b) answer positions, 262k vocab", False), ("c) answer positions, data vocab", True)):
+    for label, subset in (
+        ("b) answer positions, 262k vocab", False),
+        ("c) answer positions, data vocab", True),
+    ):
         vocab_ids, index = vocabulary([encoded], tokenizer) if subset else (None, None)
         batch = make_batches(rows, BATCH, index, seed=0, shuffle=False)[0]
         model = AnswerOnlyLM(causal_lm.backbone, vocab_ids)
@@ -63,13 +65,16 @@ def main() -> None:
         results[label] = timed_steps(model, bx, by, bw, args.steps)
 
     base = results["a) full logits, 262k vocab"]
-    print(f"LoRA step, embedded Gemma 3 270M, batch {BATCH} × {SEQ} tokens, {args.steps} timed steps:")
+    print(
+        f"LoRA step, embedded Gemma 3 270M, batch {BATCH} × {SEQ} tokens, {args.steps} timed steps:"
+    )
     for label, seconds in results.items():
-        print(f"  {label:36s} {seconds:6.2f} s/step  {BATCH * SEQ / seconds:7.1f} tokens/s  ×{base / seconds:.2f}")
+        rate = BATCH * SEQ / seconds
+        print(f"  {label:36s} {seconds:6.2f} s/step  {rate:7.1f} tokens/s  ×{base / seconds:.2f}")
     real_tokens = sum(len(ids) for ids, _ in encoded)
     best = min(results.values())
     print(
-        f"epoch estimate (train split, {len(encoded)} examples, {real_tokens} real tokens, bucketed): "
+        f"epoch estimate ({len(encoded)} train examples, {real_tokens} real tokens, bucketed): "
         f"{real_tokens / (BATCH * SEQ / best) / 60:.1f} min at the fastest rate"
     )
 

@@ -12,7 +12,7 @@ class UserError(Exception):
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main``; show ``UserError`` as ``error: ...`` (traceback only with GEMMA_CSE_DEBUG=1)."""
+    """Run ``main``; show ``UserError`` as ``error: ...`` (a traceback with GEMMA_CSE_DEBUG=1)."""
     try:
         return main(argv) or 0
     except UserError as err:

@@ -171,6 +171,10 @@ def load_causal_lm(spec: str = EMBEDDED, dtype: str | None = None):
     import keras_hub
 
     try:
+        if spec == EMBEDDED or spec.endswith(".gguf"):  # presets we converted: a faster path
+            from gemma_cse.gguf_convert import load_preset
+
+            return load_preset(preset, dtype=dtype)
         return keras_hub.models.CausalLM.from_preset(preset, dtype=dtype)
     except (OSError, ConnectionError) as err:  # requests/hub errors subclass OSError
         if Path(preset).is_dir():

@@ -61,6 +61,12 @@ def setup_distribution(config: Config) -> None:
     if config.distribution == "none" or (config.distribution == "auto" and len(devices) < 2):
         return
     if config.distribution in ("auto", "data"):
+        if config.batch_size % len(devices):
+            raise UserError(
+                f"batch_size={config.batch_size} must be a multiple of the {len(devices)} devices "
+                "for data parallelism; change batch_size or set distribution=none"
+            )
+        print(f"distribution: data parallel over {len(devices)} devices")
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
         return
     import keras_hub
@@ -89,6 +95,13 @@ def build_model(config: Config):
     for layer in lora_layers:
         layer.lora_alpha = config.lora_alpha  # KerasHub enables LoRA with alpha = rank
     return causal_lm
+
+
+def answer_token_loss():
+    """Cross-entropy averaged over the weighted (answer) tokens, so padding does not dilute it."""
+    return keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
 
 
 class AnswerOnlyLM(keras.Model):
@@ -155,11 +168,11 @@ def make_batches(
         rows = [encoded[i] for i in group]
         seq = _round_up(max(len(ids) for ids, _ in rows) - 1)
         k = _round_up(max(sum(w[1:]) for _, w in rows))
-        x_ids = np.zeros((len(rows), seq), "int32")
-        mask = np.zeros((len(rows), seq), bool)
-        positions = np.zeros((len(rows), k), "int32")
-        labels = np.zeros((len(rows), k), "int32")
-        weights = np.zeros((len(rows), k), "float32")
+        x_ids = np.zeros((batch_size, seq), "int32")
+        mask = np.zeros((batch_size, seq), bool)
+        positions = np.zeros((batch_size, k), "int32")
+        labels = np.zeros((batch_size, k), "int32")
+        weights = np.zeros((batch_size, k), "float32")
         for r, (ids, w) in enumerate(rows):
             x_ids[r, : len(ids) - 1] = ids[:-1]
             mask[r, : len(ids) - 1] = True
@@ -168,6 +181,9 @@ def make_batches(
             target = np.asarray(ids)[scored + 1]
             labels[r, : len(scored)] = target if vocab_index is None else vocab_index[target]
             weights[r, : len(scored)] = 1.0
+        for r in range(len(rows), batch_size):  # a short last batch: weightless copies of row 0,
+            # so every batch splits evenly over data-parallel devices (and shares one shape)
+            x_ids[r], mask[r], positions[r], labels[r] = x_ids[0], mask[0], positions[0], labels[0]
         batches.append(
             ({"token_ids": x_ids, "padding_mask": mask, "positions": positions}, labels, weights)
         )
@@ -244,7 +260,8 @@ def make_callbacks(
         """LoRA weights + optimizer state after every epoch, written atomically for resume."""
 
         def on_epoch_end(self, epoch, logs=None):
-            _atomic_write(ckpt / "state.npz", lambda p: np.savez(p, **training_state(self.model)))
+            state = training_state(self.model) | {"epoch": np.asarray(epoch + 1)}  # one file
+            _atomic_write(ckpt / "state.npz", lambda p: np.savez(p, **state))
             info = {"epoch": epoch + 1, "logs": {k: float(v) for k, v in (logs or {}).items()}}
             _atomic_write(ckpt / "state.json", lambda p: p.write_text(json.dumps(info)))
             _atomic_write(ckpt / "adapter.lora.h5", lambda p: _save_adapter(causal_lm.backbone, p))
@@ -268,7 +285,6 @@ def make_callbacks(
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     callbacks = [
-        EpochCheckpoint(),
         keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=start_epoch > 0),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
@@ -277,7 +293,16 @@ def make_callbacks(
     ]
     if samples:
         callbacks.append(SampleAnswers())
-    return callbacks
+    # Last, so an epoch counts as done (for resume) only once everything it logs is written.
+    return [*callbacks, EpochCheckpoint()]
+
+
+def drop_epochs_from(metrics_csv: Path, epoch: int) -> None:
+    """Drop logged rows of epochs ≥ ``epoch``: a resumed run trains (and logs) them again."""
+    if metrics_csv.exists():
+        lines = metrics_csv.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = lines[:1] + [row for row in lines[1:] if int(row.split(",", 1)[0]) < epoch]
+        metrics_csv.write_text("".join(kept), encoding="utf-8")
 
 
 def _save_adapter(backbone, path: Path) -> None:
@@ -376,9 +401,13 @@ def train(config: Config, fresh: bool = False) -> dict:
         shutil.rmtree(run_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
     start_epoch = 0
-    if (ckpt / "state.json").exists():
-        start_epoch = json.loads((ckpt / "state.json").read_text())["epoch"]
+    if (ckpt / "state.npz").exists():  # the epoch saved with the weights, not a separate file
+        with np.load(ckpt / "state.npz") as saved:
+            start_epoch = int(saved["epoch"]) if "epoch" in saved else None
+        if start_epoch is None:  # saved by an older version, which kept it in state.json only
+            start_epoch = json.loads((ckpt / "state.json").read_text())["epoch"]
         print(f"resuming {run_dir} after epoch {start_epoch}")
+        drop_epochs_from(run_dir / "metrics.csv", start_epoch)
     save_config(config, run_dir / "config.yaml")
 
     entries = load_entries(config.data)
@@ -411,7 +440,7 @@ def train(config: Config, fresh: bool = False) -> dict:
     )
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=answer_token_loss(),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     model(train_batches[0][0])  # build
