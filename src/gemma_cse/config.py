@@ -113,6 +113,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise UserError(f"{path}: invalid YAML ({err})".replace("\n", " ")) from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: expected a mapping of config keys")
         for key, value in loaded.items():
@@ -125,7 +127,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     resolved = {}
     for key, (value, where) in values.items():
         if key not in fields:
-            near = [f for f in fields if f.split("_")[0] == key.split("_")[0]]
+            near = [f for f in fields if f.split("_")[0] == str(key).split("_")[0]]
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise UserError(f"{where}: unknown config key {key!r}{hint}")
         resolved[key] = _coerce(key, value, fields[key], where)

@@ -317,7 +317,9 @@ def answer_question(causal_lm, question: str, max_new_tokens: int, stop_id: int)
     prompt = CHAT_FORMATS[chat_family(tokenizer)].prompt.format(user=question)
     prompt_len = len(np.asarray(tokenizer.tokenize(prompt))) + 1
     causal_lm.preprocessor.sequence_length = _round_up(prompt_len + max_new_tokens, 64)
-    out = causal_lm.generate(prompt, stop_token_ids=[stop_id])
+    # Under a distribution the batch is split over the devices: give each device a copy.
+    copies = len(keras.distribution.list_devices()) if keras.distribution.distribution() else 1
+    out = causal_lm.generate([prompt] * copies, stop_token_ids=[stop_id])[0]
     return out[len(prompt) :].strip() if out.startswith(prompt) else out.strip()
 
 
@@ -377,8 +379,12 @@ def save_merged_preset(config: Config, causal_lm, out: Path) -> None:
         if getattr(layer, "lora_enabled", False)
     }
     for layer in merged.backbone._flatten_layers():
-        if layer.path in trained:
-            layer.kernel.assign(np.asarray(trained[layer.path].kernel, "float32"))
+        if layer.path in trained:  # float base + LoRA update (a quantized base's kernel is int8)
+            lora = trained[layer.path]
+            delta = ops.matmul(lora.lora_kernel_a, lora.lora_kernel_b) * (
+                lora.lora_alpha / lora.lora_rank
+            )
+            layer.kernel.assign(layer.kernel + np.asarray(delta, "float32"))
     _atomic_dir = out.with_name(f".{out.name}.tmp")
     import shutil
 
@@ -391,7 +397,8 @@ def save_merged_preset(config: Config, causal_lm, out: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
-def train(config: Config, fresh: bool = False) -> dict:
+def train(config: Config, fresh: bool = False, return_model: bool = False):
+    """Run (or resume) ``config``; returns run.json's dict, and the trained CausalLM if asked."""
     keras.utils.set_random_seed(config.seed)
     run_dir = config.run_dir
     ckpt = run_dir / "checkpoints"
@@ -495,7 +502,7 @@ def train(config: Config, fresh: bool = False) -> dict:
     (run_dir / "run.json").write_text(
         json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8"
     )
-    return info
+    return (info, causal_lm) if return_model else info
 
 
 def main(argv: list[str] | None = None) -> int:
