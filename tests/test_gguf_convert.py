@@ -282,14 +282,14 @@ def test_truncated_gguf_is_a_clear_user_error(tmp_path):
         head = file.read(1 << 20)
     path = tmp_path / "truncated.gguf"
     path.write_bytes(head)
-    one_line_error(gguf_convert.read_gguf, path, match="truncated GGUF file")
+    one_line_error(gguf_convert.read_gguf, path, match="truncated or corrupt GGUF file")
 
 
 def test_truncated_gguf_through_load_causal_lm(tmp_path, empty_cache):
     path = tmp_path / "truncated.gguf"
     with models.embedded_gguf().open("rb") as file:
         path.write_bytes(file.read(1 << 20))
-    one_line_error(models.load_causal_lm, str(path), match="truncated GGUF file")
+    one_line_error(models.load_causal_lm, str(path), match="truncated or corrupt GGUF file")
     assert not any((empty_cache / "presets").iterdir())  # no half-written preset left
 
 
@@ -297,7 +297,7 @@ def test_gguf_truncated_in_tensor_data_is_a_user_error(tiny_gguf, tmp_path):
     data = tiny_gguf[0].read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[: len(data) - 1000])
-    one_line_error(gguf_convert.read_gguf, path, match="truncated GGUF file")
+    one_line_error(gguf_convert.read_gguf, path, match="truncated or corrupt GGUF file")
 
 
 @pytest.mark.parametrize(
@@ -339,3 +339,21 @@ def test_build_then_assign_skips_init_and_leaves_keras_consistent():
     with keras.StatelessScope():  # Keras would fail here on a variable it thinks is pending
         pass
     np.testing.assert_array_equal(np.asarray(layer(np.ones((1, 2)))), [[4.0, 6.0, 8.0]])
+
+
+def test_build_then_assign_failure_leaves_nothing_pending():
+    import keras
+
+    def build():
+        layer = keras.layers.Dense(3)
+        layer.build((None, 2))
+        return layer
+
+    def assign(layer):
+        layer.kernel.assign(np.zeros((2, 3), dtype="float32"))
+        raise RuntimeError("weights file is broken")
+
+    with pytest.raises(RuntimeError, match="broken"):
+        gguf_convert.build_then_assign(build, assign)
+    with keras.StatelessScope():  # nothing of the thrown-away layer is initialized here
+        pass

@@ -39,7 +39,7 @@ class BulkGGUFReader(gguf.GGUFReader):
 
     The stock reader slices its ``np.memmap`` several times per metadata array item, and
     memmap slicing runs Python code each time: for Gemma's 262,144-token vocabulary (tokens,
-    scores, types) that is ~3 million slices and 10-30 s. This subclass slices a plain
+    scores, types) that is ~3 million slices and ~10 s of CPU. This subclass slices a plain
     ndarray view of the same map, reads numeric arrays with one view, and reports a file that
     ends too early as ``TruncatedGGUF`` instead of a stray IndexError.
     """
@@ -93,7 +93,9 @@ def read_gguf(path: str | Path):
     try:
         reader = BulkGGUFReader(path)
     except TruncatedGGUF as err:
-        raise UserError(f"{path}: truncated GGUF file ({err}); copy or download it again") from None
+        raise UserError(
+            f"{path}: truncated or corrupt GGUF file ({err}); copy or download it again"
+        ) from None
     except Exception as err:  # gguf raises ValueError, struct.error, IndexError...
         raise UserError(f"{path}: not a valid GGUF file ({type(err).__name__}: {err})") from None
     arch = field(reader, "general.architecture")
@@ -183,16 +185,19 @@ def build_then_assign(build, assign):
 
     with keras.StatelessScope(initialize_variables=False):
         obj = build()
+    # Keras initializes the deferred variables when the next top-level stateless scope ends,
+    # and fails on any already assigned: leave it only those still unset (none on failure,
+    # since ``obj`` is then thrown away).
+    deferred = global_state.get_global_attribute("uninitialized_variables") or []
     try:
         assign(obj)
-    finally:
-        # Keras initializes every deferred variable when the next top-level stateless scope
-        # ends, and fails on the ones already assigned: leave it only the unset ones.
-        deferred = global_state.get_global_attribute("uninitialized_variables") or []
-        unset = [v for v in deferred if v._value is None]
-        global_state.set_global_attribute("uninitialized_variables", unset)
-        with keras.StatelessScope():
-            pass  # leaving it initializes the unset variables now
+    except BaseException:
+        global_state.set_global_attribute("uninitialized_variables", [])
+        raise
+    unset = [v for v in deferred if v._value is None]
+    global_state.set_global_attribute("uninitialized_variables", unset)
+    with keras.StatelessScope():
+        pass  # leaving it initializes the unset ones now
     return obj
 
 
