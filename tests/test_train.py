@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -40,7 +39,7 @@ from gemma_cse.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny_test.yaml"
-EPOCHS_TO_INTERRUPT = 25  # long enough that a run cannot finish before it is killed at epoch 1
+EPOCHS_TO_INTERRUPT = 15  # long enough that a run cannot finish before it is killed at epoch 1
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -79,51 +78,74 @@ def tiny_config(preset, kb, runs_dir, *extra):
     return load_config(TINY_CONFIG, settings(preset, kb, runs_dir, *extra))
 
 
-def command(sets: list[str]) -> list[str]:
-    args = [sys.executable, "-m", "gemma_cse.train", "--config", str(TINY_CONFIG)]
-    for item in sets:
-        args += ["--set", item]
-    return args
+# Sets a file-size limit, then runs ``python -m gemma_cse.train`` (argv[1] is the limit).
+# SIGXFSZ is ignored so a write past the limit fails with EFBIG instead of killing the process.
+FILE_SIZE_LIMITED = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+runpy.run_module("gemma_cse.train", run_name="__main__", alter_sys=True)
+"""
 
 
-def start(sets: list[str], logs: Path, env: dict | None = None, **popen) -> subprocess.Popen:
-    """``python -m gemma_cse.train`` in the background, its output in ``logs``.out/.err."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    out = open(logs.with_suffix(".out"), "w")  # noqa: SIM115 (closed by finish())
-    err = open(logs.with_suffix(".err"), "w")  # noqa: SIM115
-    proc = subprocess.Popen(command(sets), cwd=REPO, env=env, stdout=out, stderr=err, **popen)
-    proc.logs = (logs.with_suffix(".out"), logs.with_suffix(".err"), out, err)
-    return proc
+class Run:
+    """``python -m gemma_cse.train --config configs/tiny_test.yaml --set ...`` in the background.
+
+    Output goes to files next to the runs dir (pipes could fill up while another run is
+    waited for); ``finish()`` returns (returncode, stdout, stderr).
+    """
+
+    def __init__(self, sets: list[str], env: dict | None = None, file_size_limit: int = 0):
+        self.sets = sets
+        self.run_dir = load_config(TINY_CONFIG, sets).run_dir
+        args = ["--config", str(TINY_CONFIG)]
+        for item in sets:
+            args += ["--set", item]
+        if file_size_limit:
+            argv = [sys.executable, "-c", FILE_SIZE_LIMITED, str(file_size_limit), *args]
+        else:
+            argv = [sys.executable, "-m", "gemma_cse.train", *args]
+        logs = self.run_dir.parent / f"{self.run_dir.name}.log"
+        logs.parent.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
+        self.result: tuple[int, str, str] | None = None
+
+    def saved_epoch(self) -> int:
+        """The epoch checkpoints/state.json says is saved (0: none yet)."""
+        state = self.run_dir / "checkpoints" / "state.json"
+        return json.loads(state.read_text())["epoch"] if state.exists() else 0
+
+    def finish(self, timeout: float = 400) -> tuple[int, str, str]:
+        if self.result is None:
+            try:
+                rc = self.proc.wait(timeout)
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.result = (rc, self.out.read_text(), self.err.read_text())
+        return self.result
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    try:
-        rc = proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for handle in proc.logs[2:]:
-            handle.close()
-    out, err = (p.read_text() for p in proc.logs[:2])
-    return rc, out, err
-
-
-def wait_for_epoch(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
-    """Poll checkpoints/state.json until an epoch is saved; the process must still be running."""
-    state = run_dir / "checkpoints" / "state.json"
+def signal_at_epoch_one(runs: dict[str, Run], signals: dict[str, int], timeout: float = 400):
+    """Send each run its signal as soon as its state.json shows epoch ≥ 1; it must be running."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            rc, out, err = finish(proc)
-            pytest.fail(f"training ended (rc {rc}) before it could be stopped:\n{out}\n{err}")
-        if state.exists():
-            epoch = json.loads(state.read_text())["epoch"]
-            if epoch >= 1:
-                return epoch
+    waiting = dict(signals)
+    while waiting and time.monotonic() < deadline:
+        for name, sig in list(waiting.items()):
+            if runs[name].proc.poll() is not None:
+                rc, out, err = runs[name].finish()
+                pytest.fail(f"run {name} ended (rc {rc}) before it could be stopped:\n{out}{err}")
+            if runs[name].saved_epoch() >= 1:
+                runs[name].proc.send_signal(sig)
+                del waiting[name]
         time.sleep(0.02)
-    finish(proc, timeout=0)
-    pytest.fail("no epoch was saved in time")
+    if waiting:
+        pytest.fail(f"no epoch was saved in time by {sorted(waiting)}")
 
 
 def one_error_line(rc: int, err: str) -> str:
@@ -248,17 +270,13 @@ def test_answer_only_lm_matches_the_full_causal_lm(tiny_presets, kb, tmp_path, f
     # The full CausalLM: logits over the whole vocabulary at every position, answer weights.
     x, y, w = pack(encoded, config.sequence_length)
     full_loss = weighted_cross_entropy(keras.ops.convert_to_numpy(causal_lm(x)), y, w)
-    causal_lm.preprocessor = None  # already token ids
-    causal_lm.compile(loss=answer_token_loss())
-    assert causal_lm.evaluate(x, y, sample_weight=w, verbose=0) == pytest.approx(full_loss, 1e-5)
 
-    # vocab_ids None: the same loss, also with weightless padding rows in the batch.
+    # vocab_ids None: the same loss (train's loss function), also with weightless padding rows.
     model = AnswerOnlyLM(causal_lm.backbone, None)
-    model.compile(loss=answer_token_loss())
     for batch_size in (len(encoded), len(encoded) + 3):
         [(bx, by, bw)] = make_batches(encoded, batch_size, None, config.seed, shuffle=False)
         assert len(by) == batch_size
-        loss = model.evaluate(bx, by, sample_weight=bw, verbose=0)
+        loss = float(answer_token_loss()(by, model(bx), sample_weight=bw))
         assert loss == pytest.approx(full_loss, rel=1e-5)
 
     # A vocabulary subset holding every token of the data: the logits at the scored positions
@@ -276,11 +294,10 @@ def test_answer_only_lm_matches_the_full_causal_lm(tiny_presets, kb, tmp_path, f
     assert got.shape == (len(encoded), bw.shape[1], len(vocab_ids))
     np.testing.assert_allclose(got[scored], gathered[scored], rtol=1e-5, atol=1e-5)
     # the labels are the same tokens, renumbered into the subset
-    targets = np.concatenate([ids[1:][np.asarray(wt[1:]) > 0] for ids, wt in encoded])
+    targets = np.concatenate([np.asarray(i)[1:][np.asarray(wt)[1:] > 0] for i, wt in encoded])
     assert sorted(vocab_ids[by[scored]]) == sorted(targets)
     # its loss: cross-entropy over the subset, a little below the full vocabulary's
-    subset.compile(loss=answer_token_loss())
-    subset_loss = subset.evaluate(bx, by, sample_weight=bw, verbose=0)
+    subset_loss = float(answer_token_loss()(by, got, sample_weight=bw))
     assert subset_loss == pytest.approx(weighted_cross_entropy(gathered, by, bw), rel=1e-5)
     assert subset_loss < full_loss
 
@@ -368,99 +385,140 @@ def test_qlora_merged_preset_is_the_float_base_plus_the_adapter(tiny_presets, kb
     assert np.abs(merged - quantized).max() < 0.1 * scale  # only int8 rounding apart
 
 
-# --- resume, Ctrl-C ---------------------------------------------------------------------------
+# --- runs in a process of their own: resume after SIGKILL, Ctrl-C, two devices, disk full -------
+
+FILE_SIZE_LIMIT = 16384  # bytes: above the logs and config, below state.npz and the adapter
 
 
-def test_rerunning_a_killed_run_resumes_it(tiny_presets, kb, tmp_path):
-    runs = tmp_path / "runs"
-    sets = settings(
-        tiny_presets["gemma3"], kb, runs, f"epochs={EPOCHS_TO_INTERRUPT}", "sample_questions=0"
-    )
-    run_dir = runs / "tiny_test"
-    first = start(sets, tmp_path / "first")
-    wait_for_epoch(run_dir, first)
-    first.send_signal(signal.SIGKILL)
-    rc, out, _ = finish(first)
-    assert rc == -signal.SIGKILL
-    assert not (run_dir / "run.json").exists()
-    with np.load(run_dir / "checkpoints" / "state.npz") as saved:
+@pytest.fixture(scope="module")
+def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
+    """The runs that need a real process, started together: they mostly import and compile,
+    so they overlap well even on two cores.
+
+    kill: SIGKILL once epoch 1 is saved, then the same command again (resume);
+    interrupt: SIGINT once epoch 1 is saved; none/data: one epoch on two host devices;
+    full: the finished 2-epoch gemma3 run resumed for a third epoch under a file-size limit.
+    """
+    root = tmp_path_factory.mktemp("subprocess_runs")
+    gemma3 = str(tiny_presets["gemma3"])
+    long = [f"epochs={EPOCHS_TO_INTERRUPT}", "sample_questions=0"]
+    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    parallel = ["epochs=1"]  # the default sample answer each epoch: generate() on two devices
+    finished = trained("gemma3")[0]
+    shutil.copytree(finished.run_dir, root / "full" / finished.name)
+    full_checkpoint = root / "full" / finished.name / "checkpoints"
+    full_before = {p.name: p.read_bytes() for p in full_checkpoint.iterdir()}
+
+    runs = {
+        "kill": Run(settings(gemma3, kb, root / "kill", *long)),
+        "interrupt": Run(settings(gemma3, kb, root / "interrupt", *long)),
+        "none": Run(
+            settings(gemma3, kb, root / "parallel", "name=none", "distribution=none", *parallel),
+            env=two_devices,
+        ),
+        "data": Run(
+            settings(gemma3, kb, root / "parallel", "name=data", "distribution=data", *parallel),
+            env=two_devices,
+        ),
+        "full": Run(
+            settings(gemma3, kb, root / "full", "epochs=3", "sample_questions=0"),
+            file_size_limit=FILE_SIZE_LIMIT,
+        ),
+    }
+    signal_at_epoch_one(runs, {"kill": signal.SIGKILL, "interrupt": signal.SIGINT})
+    killed = runs["kill"]
+    killed.finish()
+    state = killed.run_dir / "checkpoints" / "state.npz"
+    with np.load(state) as saved:
         saved_epoch = int(saved["epoch"])
-    assert 1 <= saved_epoch < EPOCHS_TO_INTERRUPT
-    assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["epoch"] in (
-        saved_epoch,
-        saved_epoch - 1,  # killed between the two files: the .npz is the truth
-    )
-    saved_iterations = iterations(run_dir / "checkpoints" / "state.npz")
+    at_kill = {
+        "epoch": saved_epoch,
+        "json_epoch": killed.saved_epoch(),
+        "iterations": iterations(state),
+        "finished": (killed.run_dir / "run.json").exists(),
+    }
+    runs["resume"] = Run(killed.sets)  # the same command again
+    return {"runs": runs, "at_kill": at_kill, "full_before": full_before}
 
-    second = subprocess.run(
-        command(sets), cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert f"resuming {run_dir} after epoch {saved_epoch}" in second.stdout
-    steps = int(second.stdout.split(" batches/epoch")[0].rsplit(" ", 1)[1])
-    assert saved_iterations == saved_epoch * steps
+
+def test_rerunning_a_killed_run_resumes_it(subprocess_runs):
+    killed, resumed = subprocess_runs["runs"]["kill"], subprocess_runs["runs"]["resume"]
+    at_kill = subprocess_runs["at_kill"]
+    assert killed.finish()[0] == -signal.SIGKILL
+    assert not at_kill["finished"]
+    saved_epoch = at_kill["epoch"]
+    assert 1 <= saved_epoch < EPOCHS_TO_INTERRUPT
+    # state.json is written after state.npz: killed in between, it is one epoch behind
+    assert at_kill["json_epoch"] in (saved_epoch, saved_epoch - 1)
+
+    rc, out, err = resumed.finish()
+    assert rc == 0, out + err
+    run_dir = resumed.run_dir
+    assert f"resuming {run_dir} after epoch {saved_epoch}" in out
+    steps = int(out.split(" batches/epoch")[0].rsplit(" ", 1)[1])
+    assert at_kill["iterations"] == saved_epoch * steps
 
     epochs = [int(row["epoch"]) for row in read_metrics(run_dir)]
     assert epochs == list(range(EPOCHS_TO_INTERRUPT))  # each epoch once, in order
     info = json.loads((run_dir / "run.json").read_text())
     assert info["resumed_from_epoch"] == saved_epoch >= 1
     assert info["epochs_run"] == EPOCHS_TO_INTERRUPT - saved_epoch
-    # the optimizer went on counting from the saved state (not from zero)
+    # the optimizer went on counting from the saved state, not from zero
     assert iterations(run_dir / "checkpoints" / "state.npz") == EPOCHS_TO_INTERRUPT * steps
-    assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["epoch"] == (
-        EPOCHS_TO_INTERRUPT
-    )
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == EPOCHS_TO_INTERRUPT
 
 
-def test_ctrl_c_saves_the_adapter_and_exits_without_traceback(tiny_presets, kb, tmp_path):
-    runs = tmp_path / "runs"
-    sets = settings(
-        tiny_presets["gemma3"], kb, runs, f"epochs={EPOCHS_TO_INTERRUPT}", "sample_questions=0"
-    )
-    run_dir = runs / "tiny_test"
-    proc = start(sets, tmp_path / "run")
-    wait_for_epoch(run_dir, proc)
-    proc.send_signal(signal.SIGINT)
-    rc, out, err = finish(proc, timeout=120)
+def test_ctrl_c_saves_the_adapter_and_exits_without_traceback(subprocess_runs, tiny_presets, kb):
+    interrupted = subprocess_runs["runs"]["interrupt"]
+    rc, out, err = interrupted.finish()
     assert rc == 130, out + err
     assert "Traceback" not in err, err
     assert err.rstrip().splitlines()[-1] == "interrupted"
     assert "interrupted: adapter saved in" in out
+    run_dir = interrupted.run_dir
     assert not (run_dir / "run.json").exists()
+    assert not list(run_dir.glob(".tmp*"))
     adapter = run_dir / "interrupted.lora.h5"
     assert adapter.is_file()
-    assert not list(run_dir.glob(".tmp*"))
-    fresh = build_model(tiny_config(tiny_presets["gemma3"], kb, runs))
+    fresh = build_model(tiny_config(tiny_presets["gemma3"], kb, run_dir.parent))
     untrained = weights(fresh.backbone)
     fresh.backbone.load_lora_weights(str(adapter))
     loaded = weights(fresh.backbone)
-    assert any(not np.array_equal(loaded[p], untrained[p]) for p in loaded if "lora_kernel_b" in p)
+    lora_b = [p for p in loaded if p.endswith("lora_kernel_b")]
+    assert lora_b and all(np.any(loaded[p] != untrained[p]) for p in lora_b)  # trained values
 
 
-# --- more than one device ---------------------------------------------------------------------
-
-
-def test_data_parallel_gives_the_same_loss_as_one_device(tiny_presets, kb, tmp_path):
+def test_data_parallel_gives_the_same_loss_as_one_device(subprocess_runs):
     """Two host devices; 25 examples in batches of 4, so the last batch is short (padded)."""
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = {
-        mode: start(
-            settings(tiny_presets["gemma3"], kb, tmp_path, f"name={mode}", f"distribution={mode}")
-            + ["epochs=1"],
-            tmp_path / mode,
-            env=env,
-        )
-        for mode in ("none", "data")
-    }
-    results = {mode: finish(proc) for mode, proc in procs.items()}
-    for _mode, (rc, out, err) in results.items():
+    runs = subprocess_runs["runs"]
+    results = {mode: runs[mode].finish() for mode in ("none", "data")}
+    for rc, out, err in results.values():
         assert rc == 0, out + err
     assert "data parallel over 2 devices" in results["data"][1]
     assert "data parallel" not in results["none"][1]
-    single, parallel = (read_metrics(tmp_path / mode)[0] for mode in ("none", "data"))
+    single, parallel = (read_metrics(runs[mode].run_dir)[0] for mode in ("none", "data"))
     for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
         assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
-    assert (tmp_path / "data" / "preset" / "config.json").is_file()
+    assert (runs["data"].run_dir / "preset" / "config.json").is_file()
+    assert (runs["data"].run_dir / "samples.jsonl").read_text().strip()
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(subprocess_runs):
+    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the next checkpoint fail."""
+    full = subprocess_runs["runs"]["full"]
+    before = subprocess_runs["full_before"]
+    assert len(before["state.npz"]) > FILE_SIZE_LIMIT  # cannot be written under the limit
+    rc, out, err = full.finish()
+    assert "resuming" in out
+    checkpoint = full.run_dir / "checkpoints"
+    assert one_error_line(rc, err) == (
+        f"error: could not save {checkpoint / 'state.npz'} (File too large); "
+        "the previous copy is kept"
+    )
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before  # no temp files
+    with np.load(checkpoint / "state.npz") as saved:
+        assert int(saved["epoch"]) == 2
 
 
 # --- bad input: one error line each ----------------------------------------------------------
@@ -515,30 +573,3 @@ def test_sequence_length_too_short(capsys, tiny_presets, kb, tmp_path):
     )
     info, _ = train_in_process(config)
     assert info["epochs_run"] == 1 and np.isfinite(info["final_metrics"]["loss"])
-
-
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(trained, tmp_path):
-    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the next checkpoint fail."""
-    config, *_ = trained("gemma3")  # a finished 2-epoch run: resume it for a third epoch
-    runs = tmp_path / "runs"
-    shutil.copytree(config.run_dir, runs / config.name)
-    ckpt = runs / config.name / "checkpoints"
-    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    limit = 8192
-    assert len(before["state.npz"]) > limit  # the checkpoint cannot be written under the limit
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    sets = settings(config.model, config.data, runs, "epochs=3", "sample_questions=0")
-    proc = start(sets, tmp_path / "full", preexec_fn=limit_file_size)
-    rc, out, err = finish(proc)
-    assert "resuming" in out
-    line = one_error_line(rc, err)
-    assert line == (
-        f"error: could not save {ckpt / 'state.npz'} (File too large); the previous copy is kept"
-    )
-    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # intact, no temp files
-    with np.load(ckpt / "state.npz") as saved:
-        assert int(saved["epoch"]) == 2

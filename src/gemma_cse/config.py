@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass
@@ -127,7 +128,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     resolved = {}
     for key, (value, where) in values.items():
         if key not in fields:
-            near = [f for f in fields if f.split("_")[0] == str(key).split("_")[0]]
+            near = difflib.get_close_matches(str(key), fields, n=3, cutoff=0.75) or [
+                f for f in fields if f.split("_")[0] == str(key).split("_")[0]
+            ]
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise UserError(f"{where}: unknown config key {key!r}{hint}")
         resolved[key] = _coerce(key, value, fields[key], where)

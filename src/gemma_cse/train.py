@@ -12,11 +12,14 @@ positions that carry loss (the answer and its stop token), over the tokens the d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +97,9 @@ def build_model(config: Config):
         )
     for layer in lora_layers:
         layer.lora_alpha = config.lora_alpha  # KerasHub enables LoRA with alpha = rank
+    for variable in backbone.trainable_weights:  # enable_lora leaves biases (GPT-2's) trainable
+        if not variable.path.endswith(("lora_kernel_a", "lora_kernel_b")):
+            variable.trainable = False
     return causal_lm
 
 
@@ -305,6 +311,64 @@ def drop_epochs_from(metrics_csv: Path, epoch: int) -> None:
         metrics_csv.write_text("".join(kept), encoding="utf-8")
 
 
+class StopOnCtrlC(keras.callbacks.Callback):
+    """Ctrl-C in fit stops after the current step, with the weights in place; twice: at once.
+
+    A KeyboardInterrupt raised inside Keras' JAX loop can land after a step took (donated and
+    deleted) the weights but before they were put back, or be swallowed; so the signal only
+    sets a flag, and this callback raises at a step's end, after syncing the weights.
+    """
+
+    requested = False
+
+    @contextlib.contextmanager
+    def handling_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_if_requested(self):
+        if self.requested:
+            self.model.jax_state_sync()  # the weights of the step that just finished
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._stop_if_requested()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop_if_requested()
+
+
+def save_interrupted(model, causal_lm, run_dir: Path) -> str:
+    """Save the adapter after a Ctrl-C in fit: the last finished step's, or else the last epoch's.
+
+    After a second Ctrl-C the weights may be gone (JAX donates them to each step); then the
+    newest copy is the last epoch's checkpoint.
+    """
+    out = run_dir / "interrupted.lora.h5"
+    try:
+        _atomic_write(out, lambda p: _save_adapter(causal_lm.backbone, p))
+        return f"adapter saved in {out}"
+    except Exception:  # "Array has been deleted", or a variable left without a value
+        last = run_dir / "checkpoints" / "adapter.lora.h5"
+        if not last.exists():
+            return "no epoch finished, nothing saved"
+        _atomic_write(out, lambda p: p.write_bytes(last.read_bytes()))
+        return f"adapter of the last finished epoch saved in {out}"
+
+
 def _save_adapter(backbone, path: Path) -> None:
     backbone.save_lora_weights(str(path))
 
@@ -456,7 +520,8 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     samples = [
         (ex.question, ex.entry.answer) for ex in splits.validation[: config.sample_questions]
     ]
-    callbacks = make_callbacks(config, run_dir, causal_lm, samples, stop_id, start_epoch)
+    stop = StopOnCtrlC()
+    callbacks = [*make_callbacks(config, run_dir, causal_lm, samples, stop_id, start_epoch), stop]
     print(
         f"training {config.name}: {len(train_enc)} examples, {len(train_batches)} batches/epoch, "
         f"vocab {len(vocab_ids) if vocab_ids is not None else tokenizer.vocabulary_size()}, "
@@ -464,19 +529,18 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     )
     started = time.perf_counter()
     try:
-        history = model.fit(
-            batch_dataset(train_batches),
-            validation_data=batch_dataset(val_batches),
-            epochs=config.epochs,
-            initial_epoch=start_epoch,
-            callbacks=callbacks,
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
+        with stop.handling_sigint():
+            history = model.fit(
+                batch_dataset(train_batches),
+                validation_data=batch_dataset(val_batches),
+                epochs=config.epochs,
+                initial_epoch=start_epoch,
+                callbacks=callbacks,
+                verbose=1 if sys.stdout.isatty() else 2,
+            )
     except KeyboardInterrupt:
-        _atomic_write(
-            run_dir / "interrupted.lora.h5", lambda p: _save_adapter(causal_lm.backbone, p)
-        )
-        print(f"\ninterrupted: adapter saved in {run_dir}; run the same command to resume")
+        saved = save_interrupted(model, causal_lm, run_dir)
+        print(f"\ninterrupted: {saved}; run the same command to resume")
         raise
     seconds = time.perf_counter() - started
 

