@@ -20,7 +20,8 @@ def render(reply: Reply) -> str:
     meta = f"[{reply.status}"
     meta += f" · fuente: {sources}" if sources and reply.status in ("answered", "fallback") else ""
     if reply.timings.generation_ms:
-        meta += f" · {reply.timings.generation_ms / 1e3:.1f} s, {reply.timings.tokens_per_second:.0f} tok/s"
+        seconds, rate = reply.timings.generation_ms / 1e3, reply.timings.tokens_per_second
+        meta += f" · {seconds:.1f} s, {rate:.0f} tok/s"
     return f"{reply.text}\n{meta}]"
 
 
@@ -30,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Chat with the CSE school-services assistant (Spanish).",
     )
     parser.add_argument("--question", help="ask one question and exit")
-    parser.add_argument("--json", action="store_true", help="with --question: print the reply as JSON")
+    parser.add_argument(
+        "--json", action="store_true", help="with --question: print the reply as JSON"
+    )
     parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.rag_lora.value)
     parser.add_argument("--model", help="model spec (default: embedded:gemma3-270m)")
     parser.add_argument(
-        "--adapter", default=str(DEFAULT_ADAPTER),
+        "--adapter",
+        default=str(DEFAULT_ADAPTER),
         help="run directory with adapter.lora.h5 and config.yaml, or 'none' (default: %(default)s)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=DecodingConfig.max_new_tokens)
@@ -46,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.question:
         reply = engine.answer(args.question)
-        print(json.dumps(reply.to_dict(), ensure_ascii=False, indent=2) if args.json else render(reply))
+        print(
+            json.dumps(reply.to_dict(), ensure_ascii=False, indent=2)
+            if args.json
+            else render(reply)
+        )
         return 0
 
     print("Asistente de la Coordinación de Sistemas Escolares. /nuevo reinicia, /salir termina.")

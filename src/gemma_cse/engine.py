@@ -7,7 +7,7 @@ are not in its sources is not returned as is: the best source's answer is, marke
 
 - ``retrieval``: the best entry's answer verbatim, no LLM;
 - ``closed_book``: the model alone (as the earlier attempts did);
-- ``rag`` / ``rag_few_shot``: the model with the retrieved entries in its prompt (prompt engineering);
+- ``rag`` / ``rag_few_shot``: the model with the retrieved entries in its prompt (prompting);
 - ``rag_lora``: the fine-tuned model with the retrieved entries (default when an adapter exists).
 """
 
@@ -177,7 +177,7 @@ class Engine:
         model: str | None = None,
         adapter: str | Path | None = DEFAULT_ADAPTER,
         kb: str | Path | None = None,
-        decoding: DecodingConfig = DecodingConfig(),
+        decoding: DecodingConfig | None = None,
     ) -> Engine:
         """Everything from defaults: knowledge base, index + guard thresholds, model, adapter."""
         from gemma_cse.models import EMBEDDED
@@ -193,29 +193,38 @@ class Engine:
             from gemma_cse.cli import UserError
 
             raise UserError(f"{adapter}: no adapter.lora.h5 (train a run or pass --adapter none)")
-        generator = None if mode == Mode.retrieval else load_generator(model, adapter, entries, decoding)
+        generator = (
+            None
+            if mode == Mode.retrieval
+            else load_generator(model, adapter, entries, decoding or DecodingConfig())
+        )
         return cls(retriever, guard, generator, mode, model, str(adapter) if adapter else None)
 
     def answer(self, message: str, history: Sequence[tuple[str, str]] = ()) -> Reply:
         start = time.perf_counter()
-        query = message if len(message.split()) > 3 or not history else f"{history[-1][0]} {message}"
+        query = (
+            message if len(message.split()) > 3 or not history else f"{history[-1][0]} {message}"
+        )
         hits: list[Hit] = self.retriever.search(query, k=3)
         retrieved = time.perf_counter()
         decision = self.guard.classify(message, hits)
         guarded = time.perf_counter()
-        timings = dict(
-            retrieval_ms=(retrieved - start) * 1e3, guard_ms=(guarded - retrieved) * 1e3
-        )
+        timings = dict(retrieval_ms=(retrieved - start) * 1e3, guard_ms=(guarded - retrieved) * 1e3)
         common = dict(mode=self.mode.value, model=self.model, adapter=self.adapter)
         if decision.label != "answer":
             return Reply(
-                reply_for(decision), GUARD_STATUS[decision.label], timings=Timings(**timings),
-                guard_reason=decision.reason, **common,
+                reply_for(decision),
+                GUARD_STATUS[decision.label],
+                timings=Timings(**timings),
+                guard_reason=decision.reason,
+                **common,
             )
         sources = [Source(h.entry.id, h.entry.topic, round(h.score, 4)) for h in hits]
         best = hits[0].entry
         if self.mode == Mode.retrieval:
-            return Reply(best.answer, Status.answered, sources=sources, timings=Timings(**timings), **common)
+            return Reply(
+                best.answer, Status.answered, sources=sources, timings=Timings(**timings), **common
+            )
 
         grounding = [h.entry for h in hits[:SOURCES_IN_PROMPT]]
         tokenizer = self.generator.tokenizer
@@ -223,7 +232,9 @@ class Engine:
             prompt = chat_prompt(tokenizer, history, message)
         else:
             shots = list(FEW_SHOT) if self.mode == Mode.rag_few_shot else []
-            prompt = chat_prompt(tokenizer, [*shots, *history], grounded_message(message, grounding))
+            prompt = chat_prompt(
+                tokenizer, [*shots, *history], grounded_message(message, grounding)
+            )
         generation = self.generator.generate(prompt)
         timings |= dict(
             generation_ms=generation.seconds * 1e3, tokens_per_second=generation.tokens_per_second
@@ -234,7 +245,14 @@ class Engine:
         if missing or not text or not generation.stopped:
             text, status = best.answer, Status.fallback
         return Reply(
-            text, status, sources=sources, timings=Timings(**timings), new_tokens=generation.new_tokens,
-            stopped=generation.stopped, unsupported_facts=missing, draft=generation.text,
-            repetition_cut=generation.repetition_cut, **common,
+            text,
+            status,
+            sources=sources,
+            timings=Timings(**timings),
+            new_tokens=generation.new_tokens,
+            stopped=generation.stopped,
+            unsupported_facts=missing,
+            draft=generation.text,
+            repetition_cut=generation.repetition_cut,
+            **common,
         )

@@ -169,7 +169,9 @@ class Generator:
         )
         if decoding.temperature > 0:
             sampler = keras_hub.samplers.TopPSampler(
-                p=decoding.top_p, k=decoding.top_k or None, temperature=decoding.temperature,
+                p=decoding.top_p,
+                k=decoding.top_k or None,
+                temperature=decoding.temperature,
                 seed=decoding.seed,
             )
         else:
