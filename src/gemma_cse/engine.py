@@ -36,6 +36,7 @@ from gemma_cse.retrieval import Hit, Retriever
 
 DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "cse_gemma3_270m"
 SOURCES_IN_PROMPT = 2
+MIN_SUPPORT = 0.6  # below this share of words found in the sources, an answer is not grounded
 
 
 class Mode(StrEnum):
@@ -103,7 +104,7 @@ class Reply:
 _FACT_PATTERNS = (
     r"https?://[^\s)\],;]+[^\s)\],;.]",  # URLs
     r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",  # e-mail addresses
-    r"\b\d+(?:[.,:]\d+)*\b",  # amounts, dates, times, percentages
+    r"\b\d+(?:[.,:/]\d+)*\b",  # amounts, dates, times, percentages
     r"\b[A-ZÁÉÍÓÚÑ]{2,6}\b",  # acronyms: SEL, DTI, IMSS, CURP...
     r"\b(?:Coordinación|Dirección|Secretaría|Defensoría|Caja|Oficina|Departamento|Sistema)"
     r"(?:\s+(?:de(?:l| la| los)?|[A-ZÁÉÍÓÚ][\wáéíóúñ]+))+",  # office and system names
@@ -121,6 +122,17 @@ def checkable_facts(text: str) -> list[str]:
     for pattern in _FACT_PATTERNS:
         facts += [m.group(0).strip() for m in re.finditer(pattern, text)]
     return list(dict.fromkeys(f for f in facts if f))
+
+
+def support_ratio(answer: str, sources: Sequence[Entry]) -> float:
+    """Share of the answer's content words (over four letters) that occur in the sources."""
+    words = {w for w in re.findall(r"\w{5,}", _fold(answer))}
+    if not words:
+        return 0.0
+    haystack = set(
+        re.findall(r"\w{5,}", _fold(" ".join(f"{e.question} {e.answer}" for e in sources)))
+    )
+    return len(words & haystack) / len(words)
 
 
 def unsupported_facts(answer: str, sources: Sequence[Entry]) -> list[str]:
@@ -242,7 +254,8 @@ class Engine:
         missing = unsupported_facts(generation.text, grounding)
         status = Status.answered
         text = generation.text
-        if missing or not text or not generation.stopped:
+        grounded = support_ratio(text, grounding) >= MIN_SUPPORT
+        if missing or not grounded or not generation.stopped:
             text, status = best.answer, Status.fallback
         return Reply(
             text,

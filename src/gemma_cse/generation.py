@@ -155,6 +155,20 @@ def cut_repetition(text: str, ngram: int = 6) -> tuple[str, bool]:
     return text.strip(), False
 
 
+def count_compilations():
+    """A list that grows by one for every XLA compilation JAX does from now on."""
+    import jax
+
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if "backend_compile" in event:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events
+
+
 class Generator:
     """A CausalLM with decoding settings fixed once, so its compiled function is reused."""
 

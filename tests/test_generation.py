@@ -1,0 +1,98 @@
+"""Generation: chat prompts, the restricted output layer, bounded decoding, compile reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gemma_cse.data import Entry
+from gemma_cse.generation import (
+    DecodingConfig,
+    Generator,
+    SubsetOutput,
+    chat_prompt,
+    count_compilations,
+    cut_repetition,
+    grounded_message,
+    restrict_vocabulary,
+    vocabulary_for,
+)
+from gemma_cse.models import load_causal_lm
+
+
+@pytest.fixture()
+def tiny_gemma(tiny_presets):
+    return load_causal_lm(str(tiny_presets["gemma3"]))
+
+
+def test_chat_prompt_renders_history_in_gemma_turns(tiny_gemma):
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    prompt = chat_prompt(tokenizer, [("hola", "¡Hola! ¿En qué te ayudo?")], "¿Y la constancia?")
+    assert prompt == (
+        "<start_of_turn>user\nhola<end_of_turn>\n<start_of_turn>model\n¡Hola! ¿En qué te ayudo?"
+        "<end_of_turn>\n<start_of_turn>user\n¿Y la constancia?<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_grounded_message_numbers_sources_and_keeps_question():
+    entries = [Entry("a", "¿Q1?", "R1."), Entry("b", "¿Q2?", "R2.")]
+    message = grounded_message("¿Cómo me inscribo?", entries)
+    assert "[1] Pregunta: ¿Q1?\nRespuesta: R1." in message
+    assert "[2] Pregunta: ¿Q2?" in message
+    assert message.endswith("¿Cómo me inscribo?")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "cut"),
+    [
+        ("Ve al SEL. Ve al SEL. Ve al SEL.", "Ve al SEL.", True),
+        ("Entra al SEL y descarga tu constancia.", "Entra al SEL y descarga tu constancia.", False),
+        (
+            "pide la constancia en el SEL y luego pide la constancia en el SEL y luego",
+            "pide la constancia en el SEL y luego",
+            True,
+        ),
+    ],
+)
+def test_cut_repetition(text, expected, cut):
+    assert cut_repetition(text) == (expected, cut)
+
+
+def test_subset_output_equals_full_logits_on_its_columns(tiny_gemma):
+    backbone = tiny_gemma.backbone
+    embedding = backbone.token_embedding
+    ids = np.array([3, 10, 57, 200, 511], "int32")
+    hidden = np.random.default_rng(0).normal(size=(2, 4, backbone.hidden_dim)).astype("float32")
+    full = np.asarray(embedding(hidden, reverse=True))
+    subset = np.asarray(SubsetOutput(embedding, ids, embedding.input_dim)(hidden, reverse=True))
+    np.testing.assert_allclose(subset[..., ids], full[..., ids], rtol=1e-5, atol=1e-5)
+    others = np.setdiff1d(np.arange(embedding.input_dim), ids)
+    assert (subset[..., others] <= -1e8).all()
+
+
+def test_restricted_generation_uses_only_allowed_tokens(tiny_gemma):
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    allowed = vocabulary_for(tokenizer, ["Consulta el SEL para tu constancia de estudios."])
+    restrict_vocabulary(tiny_gemma, allowed)
+    Generator(tiny_gemma, DecodingConfig(max_new_tokens=12))  # compiles with the greedy sampler
+    prompt = chat_prompt(tokenizer, [], "¿Dónde pido mi constancia?")
+    inputs = tiny_gemma.preprocessor.generate_preprocess([prompt], sequence_length=64)
+    inputs = {k: np.asarray(inputs[k]) for k in ("token_ids", "padding_mask")}
+    prompt_len = int(np.asarray(inputs["padding_mask"]).sum())
+    output = tiny_gemma.generate_step(inputs, stop_token_ids=None)  # token ids in and out
+    new_ids = np.asarray(output["token_ids"])[0, prompt_len:]
+    assert len(new_ids) > 0
+    assert set(new_ids.tolist()) <= set(allowed.tolist())
+
+
+def test_generation_is_bounded_and_reuses_the_compiled_function(tiny_gemma):
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    generator = Generator(tiny_gemma, DecodingConfig(max_new_tokens=8))
+    compilations = count_compilations()
+    first = generator.generate(chat_prompt(tokenizer, [], "¿Cuándo es la reinscripción?"))
+    assert first.new_tokens <= 8
+    assert compilations, "the first request compiles"
+    before = len(compilations)
+    second = generator.generate(chat_prompt(tokenizer, [], "¿Y las bajas de UEA, cuándo son?"))
+    assert second.new_tokens <= 8
+    assert len(compilations) == before  # same length bucket: the compiled function is reused
