@@ -416,7 +416,10 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
         ),
     }
     at_kill = {}
-    stops = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT}
+    # SIGKILL as soon as epoch 1 is saved; SIGINT a little later, amid the train steps of
+    # epoch 2 (where a KeyboardInterrupt would find the weights donated to a running step)
+    stops = {"kill": (signal.SIGKILL, 0.0), "interrupt": (signal.SIGINT, 0.1)}
+    due: dict[str, float] = {}
     deadline = time.monotonic() + 400
     while stops:  # each run gets its signal once its state.json shows epoch ≥ 1
         assert time.monotonic() < deadline, f"no epoch was saved in time by {sorted(stops)}"
@@ -424,8 +427,10 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
             if runs[name].proc.poll() is not None:
                 rc, out, err = runs[name].finish()
                 pytest.fail(f"run {name} ended (rc {rc}) before it could be stopped:\n{out}{err}")
-            if runs[name].saved_epoch() >= 1:
-                runs[name].proc.send_signal(stops.pop(name))
+            if name not in due and runs[name].saved_epoch() >= 1:
+                due[name] = time.monotonic() + stops[name][1]
+            if name in due and time.monotonic() >= due[name]:
+                runs[name].proc.send_signal(stops.pop(name)[0])
         if "kill" not in stops and not at_kill:
             killed = runs["kill"]
             killed.finish()

@@ -34,6 +34,9 @@ class Config:
     # optimisation
     epochs: int = 3
     batch_size: int = 4
+    prompt: str = (
+        "question"  # question (closed book) | grounded (sources in the prompt, as rag_lora)
+    )
     sequence_length: int = 192
     allow_truncation: bool = False
     learning_rate: float = 2e-4
@@ -54,6 +57,7 @@ class Config:
     def __post_init__(self):
         choices = {
             "lora_targets": ("query_value", "attention", "all"),
+            "prompt": ("question", "grounded"),
             "quantize": ("none", "int8", "int4"),
             "precision": ("auto", "float32", "mixed_bfloat16", "bfloat16"),
             "distribution": ("auto", "none", "data", "model"),

@@ -149,8 +149,23 @@ def _round_up(n: int, multiple: int = BUCKET) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def encode_entries(tokenizer, examples, config: Config) -> list[tuple[list[int], list[int]]]:
-    encoded = [encode_example(tokenizer, ex.question, ex.entry.answer) for ex in examples]
+def training_prompt(example, entries: list[Entry], config: Config) -> str:
+    """The user turn of one example: the question alone, or the question with its entry as the
+    source, as the engine prompts the model (``engine.SOURCES_IN_PROMPT`` = 1)."""
+    if config.prompt == "question":
+        return example.question
+    from gemma_cse.generation import grounded_message
+
+    return grounded_message(example.question, [example.entry])
+
+
+def encode_entries(
+    tokenizer, examples, config: Config, entries: list[Entry] = ()
+) -> list[tuple[list[int], list[int]]]:
+    encoded = [
+        encode_example(tokenizer, training_prompt(ex, list(entries), config), ex.entry.answer)
+        for ex in examples
+    ]
     too_long = [len(ids) for ids, _ in encoded if len(ids) > config.sequence_length + 1]
     if too_long and not config.allow_truncation:
         raise UserError(
@@ -281,7 +296,8 @@ def make_callbacks(
                     answer = answer_question(
                         causal_lm, question, config.sample_max_new_tokens, stop_id
                     )
-                    print(f"\n  [epoch {epoch + 1}] {question}\n    → {answer}")
+                    shown = question.rsplit("Pregunta del estudiante: ", 1)[-1]
+                    print(f"\n  [epoch {epoch + 1}] {shown}\n    → {answer}")
                     row = {
                         "epoch": epoch + 1,
                         "question": question,
@@ -374,7 +390,7 @@ def _save_adapter(backbone, path: Path) -> None:
 
 
 def answer_question(causal_lm, question: str, max_new_tokens: int, stop_id: int) -> str:
-    """Greedy answer from the model alone (the closed-book view used for monitoring)."""
+    """Greedy answer to one user turn, in the chat format the run trains on."""
     from gemma_cse.data import CHAT_FORMATS, chat_family
 
     tokenizer = causal_lm.preprocessor.tokenizer
@@ -489,8 +505,8 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     from gemma_cse.data import stop_token_id
 
     stop_id = stop_token_id(tokenizer)
-    train_enc = encode_entries(tokenizer, splits.train, config)
-    val_enc = encode_entries(tokenizer, splits.validation or splits.train[:8], config)
+    train_enc = encode_entries(tokenizer, splits.train, config, entries)
+    val_enc = encode_entries(tokenizer, splits.validation or splits.train[:8], config, entries)
     vocab_ids, vocab_index = (
         vocabulary([train_enc, val_enc], tokenizer) if config.vocab_subset else (None, None)
     )
@@ -518,7 +534,8 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     if start_epoch:
         restore_state(model, ckpt / "state.npz")
     samples = [
-        (ex.question, ex.entry.answer) for ex in splits.validation[: config.sample_questions]
+        (training_prompt(ex, entries, config), ex.entry.answer)
+        for ex in splits.validation[: config.sample_questions]
     ]
     stop = StopOnCtrlC()
     callbacks = [*make_callbacks(config, run_dir, causal_lm, samples, stop_id, start_epoch), stop]
