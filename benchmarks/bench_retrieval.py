@@ -1,12 +1,13 @@
-"""Retrieval quality and latency per scorer and fusion, on questions the index has not seen.
+"""Retrieval quality and latency per scorer, field and fusion, on questions the index has not seen.
 
-The index holds only the ``train`` questions of each entry (``make_splits``); the queries are
-the one held-out variant per entry of ``validation`` and ``test`` (132 each). Prints, per
-configuration: hit@1, hit@3 and MRR on both splits, topic@1 (test: right topic, any of its
-entries), AUROC of the top score for test questions vs ``out_of_scope.jsonl`` (all kinds, and
-near misses only: can a guard threshold it?), and p50/p95 milliseconds per ``search(k=3)`` on
-the test questions with a cold query-embedding cache (a new question each time), wall clock
-and CPU time (the CPU figure is what a query costs without other jobs competing for the cores).
+The index holds only the ``train`` questions of each entry (``make_splits``), with the entry's
+answer and topic description; the queries are the one held-out variant per entry of
+``validation`` and ``test`` (132 each). Prints, per configuration: hit@1, hit@3 and MRR on both
+splits, topic@1 (test: right topic, any of its entries), AUROC of the top score for test
+questions vs ``out_of_scope.jsonl`` (all kinds, and near misses only: can a guard threshold
+it?), and p50/p95 milliseconds per ``search(k=3)`` on the test questions with a cold
+query-embedding cache (a new question each time), wall clock and CPU time (the CPU figure is
+what a query costs without other jobs competing for the cores).
 
 Usage: python benchmarks/bench_retrieval.py [--embedders use,e5] [--grid] [--latency-queries N]
 (e5 embeds ~1.3k texts: about 1–2 minutes on 2 cores.)
@@ -22,7 +23,15 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from gemma_cse.data import load_entries, load_out_of_scope, make_splits
-from gemma_cse.retrieval import DEFAULT_WEIGHTS, Retriever, get_embedder, train_entries
+from gemma_cse.retrieval import (
+    DEFAULT_FIELDS,
+    DEFAULT_WEIGHTS,
+    Retriever,
+    get_embedder,
+    train_entries,
+)
+
+QUESTIONS_ONLY = (1.0, 0.0, 0.0)
 
 
 def rank_of(fused: np.ndarray, gold: int) -> int:
@@ -33,6 +42,11 @@ def rank_of(fused: np.ndarray, gold: int) -> int:
 def metrics(ranks: list[int]) -> tuple[float, float, float]:
     r = np.asarray(ranks)
     return float((r == 1).mean()), float((r <= 3).mean()), float((1.0 / r).mean())
+
+
+def auroc(inside: list[float], outside: list[float]) -> float:
+    labels = [1] * len(inside) + [0] * len(outside)
+    return float(roc_auc_score(labels, inside + outside))
 
 
 class Memo:
@@ -74,28 +88,28 @@ class Evaluation:
         self.out_of_scope = out_of_scope
 
     def score(self, retriever: Retriever, near_miss: list[str]) -> dict[str, float]:
+        """Ranking figures per split; AUROC of the top score, the last split's questions vs
+        the out-of-scope texts; topic@1 on test."""
         row = {}
         fused = {t: retriever.fuse(p) for t, p in self.pooled.items()}
         for split, queries in self.queries.items():
             ranks = [rank_of(fused[q], gold) for q, gold in queries]
             names = (f"{split}_hit1", f"{split}_hit3", f"{split}_mrr")
             row.update(zip(names, metrics(ranks), strict=True))
-        if "test" not in self.queries:
-            return row
-        topics = [e.topic for e in self.base.entries]
-        row["test_topic1"] = float(
-            np.mean(
-                [
-                    topics[int(np.argmax(fused[q]))] == topics[gold]
-                    for q, gold in self.queries["test"]
-                ]
-            )
-        )
-        inside = [float(fused[q].max()) for q, _ in self.queries["test"]]
+        inside = [float(fused[q].max()) for q, _ in list(self.queries.values())[-1]]
         for name, outside in (("auroc_oos", self.out_of_scope), ("auroc_near", near_miss)):
-            scores = inside + [float(fused[t].max()) for t in outside]
-            labels = [1] * len(inside) + [0] * len(outside)
-            row[name] = float(roc_auc_score(labels, scores))
+            if outside:
+                row[name] = auroc(inside, [float(fused[t].max()) for t in outside])
+        if "test" in self.queries:
+            topics = [e.topic for e in self.base.entries]
+            row["test_topic1"] = float(
+                np.mean(
+                    [
+                        topics[int(np.argmax(fused[q]))] == topics[gold]
+                        for q, gold in self.queries["test"]
+                    ]
+                )
+            )
         return row
 
 
@@ -127,7 +141,8 @@ def main() -> None:
     parser.add_argument(
         "--grid",
         action="store_true",
-        help="also choose fusion weights (0.1 steps) on the validation splits of --grid-seeds",
+        help="also choose field and fusion weights (0.1 steps) on the validation splits of "
+        "--grid-seeds",
     )
     parser.add_argument(
         "--grid-seeds",
@@ -165,35 +180,42 @@ def main() -> None:
         bases[key] = Retriever(entries, embedder, spelling=spelling)
         print(f"built {key} index in {time.perf_counter() - start:.1f} s")
 
-    configs = [
-        ("BM25 (accent folding only)", "accents", (1, 0, 0), "weighted"),
-        ("char 3-5 (accent folding only)", "accents", (0, 1, 0), "weighted"),
-        ("BM25", "lexical", (1, 0, 0), "weighted"),
-        ("char 3-5", "lexical", (0, 1, 0), "weighted"),
-        ("BM25+char weighted", "lexical", DEFAULT_WEIGHTS[None], "weighted"),
-        ("BM25+char RRF", "lexical", (1, 1, 0), "rrf"),
+    q = QUESTIONS_ONLY
+    configs = [  # label, base, weights (bm25, char, semantic, classifier), fusion, fields
+        ("BM25, questions (accent folding only)", "accents", (1, 0, 0), "weighted", q),
+        ("BM25, questions", "lexical", (1, 0, 0), "weighted", q),
+        ("char 3-5, questions", "lexical", (0, 1, 0), "weighted", q),
+        ("BM25+char, questions", "lexical", (0.6, 0.4, 0), "weighted", q),
+        ("BM25+char, all fields", "lexical", (0.6, 0.4, 0), "weighted", None),
+        ("classifier (lexical features)", "lexical", (0, 0, 0, 1), "weighted", None),
+        ("BM25+char+classifier", "lexical", DEFAULT_WEIGHTS[None], "weighted", None),
     ]
     for name in embedders:
+        w = DEFAULT_WEIGHTS[name]
         configs += [
-            (f"{name} alone", name, (0, 0, 1), "weighted"),
-            (f"BM25+char+{name} weighted", name, DEFAULT_WEIGHTS[name], "weighted"),
-            (f"BM25+char+{name} RRF", name, (1, 1, 1), "rrf"),
+            (f"{name} alone, questions", name, (0, 0, 1), "weighted", q),
+            (f"BM25+char+{name}, questions", name, (0.5, 0.3, 0.2), "weighted", q),
+            (f"BM25+char+{name}, all fields", name, w[:3], "weighted", None),
+            (f"classifier (with {name})", name, (0, 0, 0, 1), "weighted", None),
+            (f"BM25+char+{name}+classifier", name, w, "weighted", None),
+            (f"BM25+char+{name}+classifier RRF", name, (1, 1, 1, 1), "rrf", None),
         ]
 
     evaluations = {key: Evaluation(base, splits, out_of_scope) for key, base in bases.items()}
     header = (
-        f"{'configuration':34s} {'weights':>14s} | {'val h@1':>7s} {'h@3':>5s} {'MRR':>5s} | "
+        f"{'configuration':38s} {'weights':>18s} | {'val h@1':>7s} {'h@3':>5s} {'MRR':>5s} | "
         f"{'test h@1':>8s} {'h@3':>5s} {'MRR':>5s} {'topic@1':>7s} | {'AUROC oos':>9s} "
         f"{'near':>5s} | {'p50 ms':>6s} {'p95 ms':>6s} {'cpu p95':>7s}"
     )
-    print("\n" + header + "\n" + "-" * len(header))
-    for label, key, weights, fusion in configs:
-        retriever = bases[key].with_weights(weights, fusion)
+    print(f"\nfields (question/answer/topic) unless 'questions': {DEFAULT_FIELDS}")
+    print(header + "\n" + "-" * len(header))
+    for label, key, weights, fusion, fields in configs:
+        retriever = bases[key].with_weights(weights, fusion, fields=fields or DEFAULT_FIELDS)
         row = evaluations[key].score(retriever, near_miss)
         p50, p95, cpu95 = latency(retriever, timed)
         shown = "/".join(f"{w:.2g}" for w in retriever.weights)
         print(
-            f"{label:34s} {shown:>14s} | {row['validation_hit1']:7.3f} "
+            f"{label:38s} {shown:>18s} | {row['validation_hit1']:7.3f} "
             f"{row['validation_hit3']:5.3f} {row['validation_mrr']:5.3f} | "
             f"{row['test_hit1']:8.3f} {row['test_hit3']:5.3f} {row['test_mrr']:5.3f} "
             f"{row['test_topic1']:7.3f} | {row['auroc_oos']:9.3f} {row['auroc_near']:5.3f} | "
@@ -201,16 +223,16 @@ def main() -> None:
         )
 
     if args.grid:
-        grid(args, embedders, near_miss)
+        grid(args, embedders, out_of_scope)
 
 
-def grid(args, embedders: list[str], near_miss: list[str]) -> None:
-    """Fusion weights by validation MRR pooled over several seeds' splits (less noise than
-    132 queries); questions in the seed-13 test split are never used as queries here."""
+def grid(args, embedders: list[str], out_of_scope: list[str]) -> None:
+    """Field and fusion weights by validation MRR pooled over several seeds' splits (less
+    noise than 132 queries), with the AUROC of validation questions vs out-of-scope texts;
+    questions in the seed-13 test split are never used as queries here."""
     entries = load_entries()
     seeds = [int(s) for s in args.grid_seeds.split(",")]
     test_questions = frozenset(ex.question for ex in make_splits(entries).test)
-    steps = np.round(np.arange(0, 1.01, 0.1), 2)
     print(f"\nweight grid, weighted fusion, validation of seeds {seeds} (seed-13 test excluded):")
     for name in [None, *embedders]:
         embedder = Memo(get_embedder(name)) if name else None
@@ -219,28 +241,59 @@ def grid(args, embedders: list[str], near_miss: list[str]) -> None:
             splits = make_splits(entries, seed=seed)
             base = Retriever(train_entries(splits), embedder)
             evaluations.append(
-                Evaluation(base, splits, [], names=["validation"], exclude=test_questions)
+                Evaluation(base, splits, out_of_scope, names=["validation"], exclude=test_questions)
             )
-        queries = sum(len(e.queries["validation"]) for e in evaluations)
-        rows = {}
-        for w_bm25, w_char in itertools.product(steps, steps):
-            w_semantic = 0.0 if name is None else round(1 - w_bm25 - w_char, 2)
-            if w_semantic < 0 or (name is None and w_bm25 + w_char != 1):
-                continue
-            weights = (float(w_bm25), float(w_char), float(w_semantic))
-            scores = [e.score(e.base.with_weights(weights), near_miss) for e in evaluations]
-            sizes = [len(e.queries["validation"]) for e in evaluations]
-            rows[weights] = [
-                float(np.average([s[key] for s in scores], weights=sizes))
-                for key in ("validation_hit1", "validation_hit3", "validation_mrr")
-            ]
-        best = sorted(rows, key=lambda w: -rows[w][2])[:5]
-        alone = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0)] if name is None else [(0.0, 0.0, 1.0)]
-        print(f"  {name or 'lexical'} ({queries} validation queries), best 5 by MRR, then alone:")
-        for weights in [*best, *alone]:
-            hit1, hit3, mrr = rows[weights]
-            shown = "/".join(f"{w:.1f}" for w in weights)
-            print(f"    {shown}: hit@1 {hit1:.3f} hit@3 {hit3:.3f} MRR {mrr:.3f}")
+        grid_for(name, evaluations)
+
+
+STEPS = np.round(np.arange(0, 1.01, 0.1), 2)
+SIMPLEX = [  # three weights summing to 1, in 0.1 steps
+    (float(a), float(b), round(1.0 - a - b, 2))
+    for a, b in itertools.product(STEPS, STEPS)
+    if a + b <= 1.0 + 1e-9
+]
+
+
+def grid_for(name: str | None, evaluations: list[Evaluation]) -> None:
+    sizes = [len(e.queries["validation"]) for e in evaluations]
+
+    def figures(fields, weights) -> list[float]:
+        rows = [e.score(e.base.with_weights(weights, fields=fields), []) for e in evaluations]
+        keys = ("validation_hit1", "validation_hit3", "validation_mrr", "auroc_oos")
+        return [float(np.average([row[k] for row in rows], weights=sizes)) for k in keys]
+
+    def show(title, rows, also=()):
+        print(f"  {name or 'lexical'} ({sum(sizes)} validation queries), {title}")
+        for key in [*sorted(rows, key=lambda k: -rows[k][2])[:5], *also]:
+            hit1, hit3, mrr, auc = rows[key]
+            shown = "  ".join("/".join(f"{w:.2f}" for w in part) for part in key)
+            print(f"    {shown}: hit@1 {hit1:.3f} hit@3 {hit3:.3f} MRR {mrr:.3f} AUROC {auc:.3f}")
+
+    # 1. fields and the classifier's weight, the scorers in their default proportions
+    default = np.asarray(DEFAULT_WEIGHTS[name])
+    scorers = default[:3] / default[:3].sum()
+    rows = {}
+    for fields in SIMPLEX:
+        for w_classifier in (0.0, 0.1, 0.2, 0.3, 0.4, 1.0):
+            weights = (*(scorers * (1 - w_classifier)).round(3), w_classifier)
+            rows[(fields, weights)] = figures(fields, weights)
+    reference = [(QUESTIONS_ONLY, (*scorers.round(3), 0.0)), (DEFAULT_FIELDS, tuple(default))]
+    for key in reference:
+        rows.setdefault(key, figures(*key))
+    show(
+        "fields (question/answer/topic) and weights (bm25/char/semantic/classifier), best 5 "
+        "by MRR, then questions alone without the classifier, and the default:",
+        rows,
+        reference,
+    )
+    # 2. the scorers' proportions, with the default fields and classifier weight
+    rows = {}
+    for bm25, char, semantic in SIMPLEX:
+        if name is None and semantic > 0:
+            continue
+        weights = (*(np.array([bm25, char, semantic]) * (1 - default[3])).round(3), default[3])
+        rows[(DEFAULT_FIELDS, weights)] = figures(DEFAULT_FIELDS, weights)
+    show("scorer weights with the default fields and classifier weight, best 5 by MRR:", rows)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Retrieval: each scorer on hand-made cases, fusion on real KB variants, persistence, floors."""
+"""Retrieval: each scorer and field on hand-made cases, the classifier, fusion on real KB
+variants, persistence, floors."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from gemma_cse.retrieval import (
     QueryCache,
     Retriever,
     USEEmbedder,
+    answer_sentences,
     fold,
     get_embedder,
     spelling_fold,
+    topic_descriptions,
     train_entries,
 )
 
@@ -36,9 +39,10 @@ SMALL = [
 ]
 
 # Measured with benchmarks/bench_retrieval.py on the seed-13 test split (132 unseen variants):
-# fused BM25+char+USE hit@1 0.538, hit@3 0.788; BM25+char hit@1 0.500. Floors leave a margin
-# of about 7 questions for ties and platform float differences, so a real regression fails.
-FLOOR_FUSED_HIT1, FLOOR_FUSED_HIT3, FLOOR_LEXICAL_HIT1 = 0.48, 0.73, 0.44
+# default (BM25+char+USE over questions, answers and topics, + classifier) hit@1 0.735,
+# hit@3 0.917; lexical (BM25+char+classifier) hit@1 0.682. Floors leave a margin of about 7
+# questions for ties and platform float differences, so a real regression fails.
+FLOOR_FUSED_HIT1, FLOOR_FUSED_HIT3, FLOOR_LEXICAL_HIT1 = 0.68, 0.86, 0.63
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +196,74 @@ def test_query_cache_is_lru():
 def test_retriever_embeds_index_once_and_caches_queries():
     counting = Counting()
     retriever = Retriever(SMALL, counting)
-    assert counting.texts == len(SMALL)
+    assert counting.texts == len(retriever.documents) == 2 * len(SMALL)  # questions, answers
     retriever.search("dónde veo mis notas")
     retriever.search("dónde veo mis notas", k=5)
-    assert counting.texts == len(SMALL) + 1
+    assert counting.texts == len(retriever.documents) + 1
+
+
+# ---------------------------------------------------------------- fields and classifier
+
+FIELDS_KB = [
+    Entry(
+        "credencial",
+        "¿Cómo repongo mi credencial?",
+        "Solicita la reposición en el SEL. Después paga la cuota en el banco con tu referencia.",
+        topic="credencial",
+    ),
+    Entry(
+        "beca",
+        "¿Qué requisitos pide la beca de manutención?",
+        "Debes estar inscrito en el trimestre. Se pide un promedio mínimo de ocho.",
+        topic="becas",
+    ),
+]
+DESCRIPTIONS = {
+    "credencial": "Reposición de la credencial de estudiante extraviada o robada.",
+    "becas": "Becas y apoyos económicos para alumnos.",
+}
+
+
+def test_answer_sentences_and_topic_descriptions():
+    answer = (
+        "Entra al SEL (https://sel.universidad.example) con tu matrícula. Después paga la "
+        "cuota; guarda tu comprobante. Fin."
+    )
+    assert answer_sentences(answer) == [
+        "Entra al SEL (https://sel.universidad.example) con tu matrícula.",
+        "Después paga la cuota;",
+        "guarda tu comprobante.",
+    ]
+    assert answer_sentences("a1") == ["a1"]  # too short to split: the whole answer
+    descriptions = topic_descriptions()
+    assert {e.topic for e in load_entries()} <= set(descriptions)
+    assert all(descriptions.values())
+
+
+@pytest.mark.parametrize(
+    "query, fields, expected",
+    [
+        ("¿cuál es el promedio mínimo?", (0, 1, 0), "beca"),  # words of the answer only
+        ("me la robaron", (0, 0, 1), "credencial"),  # words of the topic description only
+    ],
+)
+def test_answer_and_topic_fields_find_words_no_question_has(query, fields, expected):
+    retriever = Retriever(FIELDS_KB, None, descriptions=DESCRIPTIONS)
+    assert len(retriever.documents) == 2 + 4 + 2  # questions, answer sentences, descriptions
+    assert retriever.with_weights((1, 0, 0), fields=(1, 0, 0)).search(query, 1)[0].score == 0.0
+    hits = retriever.with_weights((1, 0, 0), fields=fields).search(query, 2)
+    assert hits[0].entry.id == expected and hits[0].score > hits[1].score
+    assert hits[0].matched in hits[0].entry.questions  # still a question, never an answer
+
+
+def test_classifier_alone_gives_probabilities(small_lexical, kb_use, splits):
+    scores = small_lexical.question_scores("¿Cuántas horas dura el servicio social?")
+    assert scores["probability"].sum() == pytest.approx(1.0, abs=1e-5)
+    classifier = small_lexical.with_weights((0, 0, 0, 1))
+    assert top_id(classifier, "¿Cuántas horas dura el servicio social?") == "servicio"
+    hits = kb_use.with_weights((0, 0, 0, 1)).search(splits.test[0].question, 5)
+    assert all(0.0 <= h.score <= 1.0 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 # ---------------------------------------------------------------- fused ranking, real KB
@@ -251,9 +319,21 @@ def test_unrelated_query_scores_lower_than_in_scope_ones(kb_use, splits):
 def test_weights_are_checked(small_lexical):
     with pytest.raises(UserError, match="weights"):
         small_lexical.with_weights((1, -1, 0))
+    with pytest.raises(UserError, match="weights"):
+        small_lexical.with_weights((1, 1))
     with pytest.raises(UserError, match="without an embedder"):
         small_lexical.with_weights((0, 0, 1))
-    assert small_lexical.with_weights((2, 2, 0)).weights.tolist() == [0.5, 0.5, 0.0]
+    assert small_lexical.with_weights((2, 2, 0)).weights.tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert small_lexical.with_weights((1, 1, 1, 2)).weights.tolist() == [0.25, 0.25, 0.0, 0.5]
+    with pytest.raises(UserError, match="fields"):
+        small_lexical.with_weights((1, 0, 0), fields=(1, 0))
+    with pytest.raises(UserError, match="no weight"):  # SMALL has no topic descriptions
+        small_lexical.with_weights((1, 0, 0), fields=(0, 0, 1))
+    assert small_lexical.with_weights((1, 0, 0), fields=(1, 1, 1)).fields.tolist() == [
+        0.5,
+        0.5,
+        0.0,
+    ]
 
 
 # ---------------------------------------------------------------- persistence
@@ -277,6 +357,11 @@ def test_load_refuses_another_embedder_or_a_bad_directory(kb_lexical, tmp_path):
         Retriever.load(tmp_path / "index", "use")
     with pytest.raises(UserError, match="not a retrieval index"):
         Retriever.load(tmp_path / "nothing")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.json").write_text('{"format": 1}', encoding="utf-8")
+    with pytest.raises(UserError, match="format 1.*rebuild"):
+        Retriever.load(old)
 
 
 # ---------------------------------------------------------------- quality and cost floors

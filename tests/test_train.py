@@ -8,6 +8,7 @@ data is a small knowledge base (25 training examples, all under 64 tokens) writt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -193,8 +194,8 @@ RUN_SETTINGS = {
     "gemma3": ["epochs=2"],
     # gpt2: the whole vocabulary and one validation batch, to check the loss end to end
     "gpt2": ["epochs=1", "vocab_subset=false", "batch_size=8", "sample_questions=0"],
-    # llama: LoRA on attention and feed-forward layers
-    "llama": ["epochs=1", "lora_targets=all", "sample_questions=0"],
+    # llama: QLoRA (int8 base) with LoRA on attention and feed-forward layers
+    "llama": ["epochs=1", "quantize=int8", "lora_targets=all", "sample_questions=0"],
 }
 
 
@@ -343,27 +344,14 @@ def test_run_directory(trained, kb):
     np.testing.assert_allclose(logits(fresh, token_ids), trained_logits, rtol=1e-5, atol=1e-6)
 
 
-def test_qlora_merged_preset_is_the_float_base_plus_the_adapter(tiny_presets, kb, tmp_path):
+def test_qlora_merged_preset_is_the_float_base_plus_the_adapter(trained):
     """quantize=int8: the preset merges the LoRA update into the float base (not the int8 one)."""
-    config = tiny_config(
-        tiny_presets["llama"],
-        kb,
-        tmp_path,
-        "quantize=int8",
-        "lora_targets=attention",
-        "epochs=1",
-        "sample_questions=0",
-        "max_steps_per_epoch=3",
-    )
-    _, causal_lm = train_in_process(config)
+    config, _, causal_lm, _ = trained("llama")
+    assert config.quantize == "int8"
+    assert any(v.dtype == "int8" for v in causal_lm.backbone.weights)
     token_ids = np.arange(1, 41, dtype="int32")[None]
     quantized = logits(causal_lm, token_ids)
-    float_base = build_model(
-        load_config(
-            TINY_CONFIG,
-            settings(config.model, kb, tmp_path, "quantize=none", "lora_targets=attention"),
-        )
-    )
+    float_base = build_model(dataclasses.replace(config, quantize="none"))
     float_base.backbone.load_lora_weights(str(config.run_dir / "adapter.lora.h5"))
     expected = logits(float_base, token_ids)
     merged = logits(load_causal_lm(str(config.run_dir / "preset")), token_ids)
@@ -383,20 +371,32 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
     so they overlap well even on two cores.
 
     kill: SIGKILL once epoch 1 is saved, then the same command again (resume);
-    interrupt: SIGINT once epoch 1 is saved; none/data: one epoch on two host devices;
+    interrupt: SIGINT during epoch 3; none/data: one epoch on two host devices;
     full: the finished 2-epoch gemma3 run resumed for a third epoch under a file-size limit.
     """
     root = tmp_path_factory.mktemp("subprocess_runs")
     gemma3 = str(tiny_presets["gemma3"])
-    long = [f"epochs={EPOCHS_TO_INTERRUPT}", "sample_questions=0"]
-    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    parallel = ["epochs=1"]  # the default sample answer each epoch: generate() on two devices
     finished = trained("gemma3")[0]
     shutil.copytree(finished.run_dir, root / "full" / finished.name)
     full_checkpoint = root / "full" / finished.name / "checkpoints"
     full_before = {p.name: p.read_bytes() for p in full_checkpoint.iterdir()}
 
-    runs = {  # the killed run first: its rerun comes after it
+    runs: dict[str, Run] = {}
+    try:
+        yield start_and_stop_runs(runs, root, gemma3, kb) | {"full_before": full_before}
+    finally:  # nothing left running if a test or this fixture failed
+        for background in runs.values():
+            if background.proc.poll() is None:
+                background.proc.kill()
+                background.proc.wait()
+
+
+def start_and_stop_runs(runs: dict[str, Run], root: Path, gemma3: str, kb: Path) -> dict:
+    """Start the runs into ``runs``, signal kill and interrupt, rerun the killed one."""
+    long = [f"epochs={EPOCHS_TO_INTERRUPT}", "sample_questions=0"]
+    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    parallel = ["epochs=1"]  # the default sample answer each epoch: generate() on two devices
+    runs |= {  # the killed run first: its rerun comes after it
         "kill": Run(settings(gemma3, kb, root / "kill", *long)),
         "interrupt": Run(settings(gemma3, kb, root / "interrupt", *long), nice=5),
         "none": Run(
@@ -416,21 +416,27 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
         ),
     }
     at_kill = {}
-    # SIGKILL as soon as epoch 1 is saved; SIGINT a little later, amid the train steps of
-    # epoch 2 (where a KeyboardInterrupt would find the weights donated to a running step)
-    stops = {"kill": (signal.SIGKILL, 0.0), "interrupt": (signal.SIGINT, 0.1)}
-    due: dict[str, float] = {}
+    # SIGKILL as soon as epoch 1 is saved. SIGINT in the middle of epoch 3, timed from when
+    # epochs 1 and 2 were saved: amid its train steps, where a plain KeyboardInterrupt would
+    # find the weights donated to the running step.
+    stops = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT}
+    seen: dict[tuple[str, int], float] = {}
     deadline = time.monotonic() + 400
-    while stops:  # each run gets its signal once its state.json shows epoch ≥ 1
+    while stops:
         assert time.monotonic() < deadline, f"no epoch was saved in time by {sorted(stops)}"
         for name in list(stops):
             if runs[name].proc.poll() is not None:
                 rc, out, err = runs[name].finish()
                 pytest.fail(f"run {name} ended (rc {rc}) before it could be stopped:\n{out}{err}")
-            if name not in due and runs[name].saved_epoch() >= 1:
-                due[name] = time.monotonic() + stops[name][1]
-            if name in due and time.monotonic() >= due[name]:
-                runs[name].proc.send_signal(stops.pop(name)[0])
+            epoch, now = runs[name].saved_epoch(), time.monotonic()
+            for e in range(1, epoch + 1):
+                seen.setdefault((name, e), now)
+            if name == "kill" and epoch >= 1:
+                runs[name].proc.send_signal(stops.pop(name))
+            elif name == "interrupt" and epoch >= 2:
+                first, second = seen[name, 1], seen[name, 2]
+                if epoch > 2 or now >= second + max(second - first, 0.1) / 2:
+                    runs[name].proc.send_signal(stops.pop(name))
         if "kill" not in stops and not at_kill:
             killed = runs["kill"]
             killed.finish()
@@ -442,7 +448,7 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
             at_kill["finished"] = (killed.run_dir / "run.json").exists()
             runs["resume"] = Run(killed.sets)  # the same command again
         time.sleep(0.02)
-    return {"runs": runs, "at_kill": at_kill, "full_before": full_before}
+    return {"runs": runs, "at_kill": at_kill}
 
 
 def test_rerunning_a_killed_run_resumes_it(subprocess_runs):

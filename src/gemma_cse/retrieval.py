@@ -60,19 +60,28 @@ import scipy.sparse
 import Stemmer
 from bm25s.stopwords import STOPWORDS_SPANISH
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from gemma_cse.cli import UserError
-from gemma_cse.data import Entry, Splits
+from gemma_cse.data import TOPICS_FILE, Entry, Splits
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 K1, B = 1.2, 0.75
 CHAR_NGRAMS = (3, 5)
-# (bm25, char, semantic), chosen on the validation split (see the module docstring)
-DEFAULT_WEIGHTS: dict[str | None, tuple[float, float, float]] = {
-    "use": (0.5, 0.3, 0.2),
-    "e5": (0.4, 0.2, 0.4),
-    None: (0.6, 0.4, 0.0),
+FIELDS = ("question", "answer", "topic")  # the texts indexed for each entry
+# chosen on the validation splits (see the module docstring)
+DEFAULT_FIELDS = (0.2, 0.6, 0.2)
+# (bm25, char, semantic, classifier)
+DEFAULT_WEIGHTS: dict[str | None, tuple[float, float, float, float]] = {
+    "use": (0.4, 0.24, 0.16, 0.2),
+    "e5": (0.32, 0.16, 0.32, 0.2),
+    None: (0.48, 0.32, 0.0, 0.2),
 }
+CLASSIFIER_C = 10.0  # inverse L2 strength of the logistic regression
+CLASSIFIER_ITERATIONS = 1000
+SAMPLE_WEIGHTS = (1.0, 0.5, 0.5)  # per field: how much a text counts when training it
+_SENTENCE_END = re.compile(r"(?<=[.;:!?])\s+")
 DEFAULT_EMBEDDER = "use"
 RRF_K = 60
 
@@ -231,6 +240,30 @@ class QueryCache:
         return len(self._vectors)
 
 
+# ---------------------------------------------------------------- documents
+
+
+def answer_sentences(answer: str) -> list[str]:
+    """The answer's sentences of 15+ characters (the whole answer when none is that long)."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(answer) if len(s.strip()) >= 15]
+    return sentences or [answer.strip()]
+
+
+def topic_descriptions(path: str | Path = TOPICS_FILE) -> dict[str, str]:
+    """Topic id → its description, from ``data/cse/topics.jsonl`` ({} without the file)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
+    return {row["topic"]: row["description"] for row in rows if row.get("description")}
+
+
+def _with_pairs(words: Sequence[str]) -> list[str]:
+    """The classifier's word features: stemmed words and pairs of neighbouring ones."""
+    words = [w for w in words if w]
+    return [*words, *(f"{a} {b}" for a, b in zip(words, words[1:], strict=False))]
+
+
 # ---------------------------------------------------------------- retriever
 
 
@@ -240,7 +273,7 @@ class Hit:
 
     entry: Entry
     score: float
-    lexical: float  # weighted BM25 + char score of the entry's best questions, in [0, 1]
+    lexical: float  # weighted BM25 + char score of the entry's best texts, in [0, 1]
     semantic: float | None  # cosine of the entry's best-matching question; None: no embedder
     matched: str  # the entry's question that matched best (highest fused score)
 
@@ -262,11 +295,14 @@ Fusion = Literal["weighted", "rrf"]
 
 
 class Retriever:
-    """Index every question of ``entries``; ``search(text, k)`` → the ``k`` best entries.
+    """Index ``entries``; ``search(text, k)`` → the ``k`` best entries.
 
     ``embedder``: "use" (default), "e5", an ``Embedder``, or None (lexical only).
-    ``weights``: (bm25, char, semantic), normalised to sum 1. ``fusion``: "weighted" (absolute
-    scores, thresholdable) or "rrf" (reciprocal-rank fusion, for comparison).
+    ``weights``: (bm25, char, semantic[, classifier]), normalised to sum 1; three numbers leave
+    the classifier out. ``fields``: weights of the (question, answer, topic) texts in the
+    bm25, char and semantic scores. ``fusion``: "weighted" (absolute scores, thresholdable) or
+    "rrf" (reciprocal-rank fusion, for comparison). ``descriptions``: topic id → description
+    (default: ``topic_descriptions()``).
     """
 
     def __init__(
@@ -275,8 +311,10 @@ class Retriever:
         embedder: str | Embedder | None = DEFAULT_EMBEDDER,
         *,
         weights: Sequence[float] | None = None,
+        fields: Sequence[float] | None = None,
         fusion: Fusion = "weighted",
         spelling: bool = True,
+        descriptions: dict[str, str] | None = None,
         cache_size: int = 1024,
         _state: dict | None = None,
     ):
@@ -287,29 +325,44 @@ class Retriever:
         self.spelling = spelling
         self.fusion = fusion
         self.weights = self._check_weights(weights)
+        self.descriptions = topic_descriptions() if descriptions is None else dict(descriptions)
         self._fold = spelling_fold if spelling else fold
         self._stopwords = sorted({self._fold(w) for w in STOPWORDS_SPANISH})
         self._stemmer = Stemmer.Stemmer("spanish")
         self.cache = QueryCache(self.embedder, cache_size) if self.embedder else None
 
-        self.questions: list[str] = []
-        owners: list[int] = []
+        # every indexed text, field by field (questions, answer sentences, topic descriptions),
+        # entry by entry within a field; ``questions`` are the first ``len(questions)`` texts
+        documents: list[tuple[str, int, int]] = []  # (text, field, entry index)
         for index, entry in enumerate(self.entries):
             unique = list(dict.fromkeys(q.strip() for q in entry.questions if q.strip()))
             if not unique:
                 raise UserError(f"entry {entry.id!r} has no question to index")
-            self.questions += unique
-            owners += [index] * len(unique)
-        self._owner = np.asarray(owners)
-        self._starts = np.r_[0, np.flatnonzero(np.diff(self._owner)) + 1]
+            documents += [(q, 0, index) for q in unique]
+        for index, entry in enumerate(self.entries):
+            documents += [(s, 1, index) for s in answer_sentences(entry.answer) if s]
+        for index, entry in enumerate(self.entries):
+            if self.descriptions.get(entry.topic):
+                documents.append((self.descriptions[entry.topic], 2, index))
+        self.documents = [text for text, _, _ in documents]
+        self._field = np.asarray([field for _, field, _ in documents])
+        self._owner = np.asarray([owner for _, _, owner in documents])
+        self.questions = self.documents[: int((self._field == 0).sum())]
+        self._starts = np.r_[0, np.flatnonzero(np.diff(self._owner[: len(self.questions)])) + 1]
+        present = np.bincount(self._field, minlength=len(FIELDS)) > 0
+        self.fields = self._check_fields(fields, present)
+        self._present = present
 
         if _state is None:
+            tokens = self._tokens(self.documents)
             self._bm25 = bm25s.BM25(k1=K1, b=B, method="lucene")
-            self._bm25.index(self._tokens(self.questions), show_progress=False)
+            self._bm25.index(tokens, show_progress=False)
             self._char = self._char_vectorizer()
-            self._char_matrix = self._char.fit_transform(self.questions).tocsr()
-            self._vectors = self.embedder.embed(self.questions) if self.embedder else None
+            self._char_matrix = self._char.fit_transform(self.documents).tocsr()
+            self._vectors = self.embedder.embed(self.documents) if self.embedder else None
             self._chance = self._chance_level() if self.embedder else 0.0
+            self._words = self._word_vectorizer()
+            self._classifier = self._train_classifier(self._words.fit_transform(tokens))
         else:
             self.__dict__.update(_state)
         document_frequency = np.maximum(np.diff(self._bm25.scores["indptr"]), 1)
@@ -324,13 +377,28 @@ class Retriever:
         if weights is None:
             weights = DEFAULT_WEIGHTS.get(name, DEFAULT_WEIGHTS[DEFAULT_EMBEDDER])
         weights = np.asarray(weights, dtype=np.float64)
-        if weights.shape != (3,) or (weights < 0).any() or weights.sum() <= 0:
-            raise UserError(f"weights must be three non-negative numbers, got {weights.tolist()}")
+        if weights.shape == (3,):
+            weights = np.r_[weights, 0.0]
+        if weights.shape != (4,) or (weights < 0).any() or weights.sum() <= 0:
+            raise UserError(
+                f"weights must be three or four non-negative numbers, got {weights.tolist()}"
+            )
         if self.embedder is None:
             weights[2] = 0.0
             if weights.sum() <= 0:
                 raise UserError("weights give nothing to score without an embedder")
         return weights / weights.sum()
+
+    @staticmethod
+    def _check_fields(fields: Sequence[float] | None, present: np.ndarray) -> np.ndarray:
+        """Field weights, normalised over the fields the index has texts for."""
+        fields = np.asarray(DEFAULT_FIELDS if fields is None else fields, dtype=np.float64)
+        if fields.shape != (len(FIELDS),) or (fields < 0).any():
+            raise UserError(f"fields must be {len(FIELDS)} non-negative numbers ({FIELDS})")
+        fields = np.where(present, fields, 0.0)
+        if fields.sum() <= 0:
+            raise UserError(f"fields give no weight to the texts indexed: {fields.tolist()}")
+        return fields / fields.sum()
 
     def _char_vectorizer(self, **kwargs) -> TfidfVectorizer:
         return TfidfVectorizer(
@@ -342,6 +410,10 @@ class Retriever:
             **kwargs,
         )
 
+    @staticmethod
+    def _word_vectorizer(**kwargs) -> TfidfVectorizer:
+        return TfidfVectorizer(analyzer=_with_pairs, sublinear_tf=True, dtype=np.float32, **kwargs)
+
     def _tokens(self, texts: Sequence[str]) -> list[list[str]]:
         return bm25s.tokenize(
             [self._fold(t) for t in texts],
@@ -352,17 +424,47 @@ class Retriever:
         )
 
     def _chance_level(self) -> float:
-        """Mean cosine between questions of different entries: what "unrelated" scores."""
+        """Mean cosine between texts of different entries: what "unrelated" scores."""
         similarity = self._vectors @ self._vectors.T
         different = self._owner[:, None] != self._owner[None, :]
         return float(similarity[different].mean()) if different.any() else 0.0
 
-    def with_weights(self, weights: Sequence[float], fusion: Fusion | None = None) -> Retriever:
-        """A copy sharing the index and query cache, with other fusion weights."""
+    def _features(self, words, chars, vectors) -> scipy.sparse.csr_matrix:
+        """The classifier's input: word TF-IDF, char TF-IDF and the embedding, side by side."""
+        blocks = [words, chars]
+        if vectors is not None:
+            blocks.append(scipy.sparse.csr_matrix(vectors))
+        return scipy.sparse.hstack(blocks, format="csr", dtype=np.float32)
+
+    def _train_classifier(self, words) -> LogisticRegression | None:
+        """Logistic regression over entries, trained on every indexed text (None: one entry)."""
+        if len(self.entries) < 2:
+            return None
+        features = self._features(words, self._char_matrix, self._vectors)
+        classifier = LogisticRegression(C=CLASSIFIER_C, max_iter=CLASSIFIER_ITERATIONS)
+        # one BLAS thread: L-BFGS's vector operations on two threads that spin-wait for each
+        # other on a busy 2-core CPU took twice the CPU time (8 s instead of 4, measured)
+        sample_weight = np.asarray(SAMPLE_WEIGHTS)[self._field]
+        with threadpool_limits(limits=1, user_api="blas"):
+            classifier.fit(features, self._owner, sample_weight=sample_weight)
+        # float32 coefficients, as ``load`` reads them back: a loaded index scores identically
+        classifier.coef_ = classifier.coef_.astype(np.float32)
+        classifier.intercept_ = classifier.intercept_.astype(np.float32)
+        return classifier
+
+    def with_weights(
+        self,
+        weights: Sequence[float],
+        fusion: Fusion | None = None,
+        fields: Sequence[float] | None = None,
+    ) -> Retriever:
+        """A copy sharing the index and query cache, with other fusion or field weights."""
         copy = object.__new__(Retriever)
         copy.__dict__.update(self.__dict__)
         copy.fusion = fusion or self.fusion
         copy.weights = copy._check_weights(weights)
+        if fields is not None:
+            copy.fields = copy._check_fields(fields, self._present)
         return copy
 
     def warmup(self) -> None:
@@ -373,7 +475,8 @@ class Retriever:
     # ------------------------------------------------------------ scoring
 
     def question_scores(self, text: str) -> dict[str, np.ndarray]:
-        """Per indexed question: ``bm25`` and ``char`` in [0, 1], ``cosine`` (if embedder)."""
+        """Per indexed text (``documents``): ``bm25`` and ``char`` in [0, 1], ``cosine`` (if
+        embedder); per entry: ``probability`` (the classifier's)."""
         tokens = [t for t in self._tokens([text])[0] if t]
         vocabulary = self._bm25.vocab_dict
         ids = [vocabulary[t] for t in tokens if t in vocabulary]
@@ -381,43 +484,73 @@ class Retriever:
             total = self._idf[ids].sum() + self._idf_unknown * (len(tokens) - len(ids))
             bm25 = np.asarray(self._bm25.get_scores_from_ids(ids), np.float32) / np.float32(total)
         else:
-            bm25 = np.zeros(len(self.questions), np.float32)
+            bm25 = np.zeros(len(self.documents), np.float32)
         query = self._char.transform([text])
         char = np.asarray((self._char_matrix @ query.T).todense()).ravel()
         scores = {"bm25": np.clip(bm25, 0.0, 1.0), "char": np.clip(char, 0.0, 1.0)}
+        vector = None
         if self.embedder is not None:
-            scores["cosine"] = self._vectors @ self.cache(text)
+            vector = self.cache(text)
+            # einsum, not @: OpenBLAS splits a product this large over two threads, which
+            # spin-wait for each other on a busy 2-core CPU (8 ms instead of 0.2, measured)
+            scores["cosine"] = np.einsum("ij,j->i", self._vectors, vector)
+        if self._classifier is None:
+            scores["probability"] = np.ones(len(self.entries), np.float32)
+        else:
+            words = self._words.transform([tokens])
+            features = self._features(words, query, None if vector is None else vector[None])
+            scores["probability"] = self._classifier.predict_proba(features)[0]
         return scores
 
+    def _pooled(self, values: np.ndarray) -> np.ndarray:
+        """Max of ``values`` (one per document) per field and entry: (fields, entries)."""
+        pooled = np.zeros((len(FIELDS), len(self.entries)), np.float32)
+        np.maximum.at(pooled, (self._field, self._owner), values)
+        return pooled
+
     def fuse(self, parts: dict[str, np.ndarray]) -> np.ndarray:
-        """Fused score from ``bm25``, ``char`` and rescaled ``semantic`` parts, all in [0, 1]."""
-        w_bm25, w_char, w_semantic = self.weights
+        """Fused score per entry from pooled ``parts``, all in [0, 1]: ``bm25``, ``char`` and
+        ``semantic`` (one row per field, weighted by ``fields``) and ``classifier``."""
+        w_bm25, w_char, w_semantic, w_classifier = self.weights
+        scorers = [("bm25", w_bm25), ("char", w_char), ("semantic", w_semantic)]
+        scores = {name: self.fields @ parts[name] for name, w in scorers if name in parts}
+        scores["classifier"] = parts["classifier"]
+        scorers.append(("classifier", w_classifier))
         if self.fusion == "rrf":
-            fused = np.zeros(len(next(iter(parts.values()))), np.float64)
-            semantic = "cosine" if "cosine" in parts else "semantic"  # unclipped: fewer ties
-            for name, weight in (("bm25", w_bm25), ("char", w_char), (semantic, w_semantic)):
+            fused = np.zeros(len(scores["bm25"]), np.float64)
+            for name, weight in scorers:
                 if weight > 0:
-                    ranks = np.empty(len(parts[name]), np.int64)
-                    ranks[np.argsort(-parts[name], kind="stable")] = np.arange(len(ranks))
+                    ranks = np.empty(len(scores[name]), np.int64)
+                    ranks[np.argsort(-scores[name], kind="stable")] = np.arange(len(ranks))
                     fused += weight / (RRF_K + 1 + ranks)
             return fused * (RRF_K + 1)
-        fused = w_bm25 * parts["bm25"] + w_char * parts["char"]
-        if w_semantic > 0:
-            fused = fused + w_semantic * parts["semantic"]
-        return fused
+        return sum(weight * scores[name] for name, weight in scorers if weight > 0)
 
     def _rescaled(self, cosine: np.ndarray) -> np.ndarray:
         return np.clip((cosine - self._chance) / (1.0 - self._chance), 0.0, 1.0)
 
     def entry_scores(self, text: str) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-        """(fused score per entry, max-pooled parts per entry, fused score per question)."""
+        """(fused score per entry, pooled parts per entry, fused score per question).
+
+        Pooled parts: ``bm25``, ``char``, ``semantic`` as (fields, entries) maxima,
+        ``classifier`` (square root of the probability, which spreads the small ones) and
+        ``cosine`` (of the entry's best question) per entry.
+        """
         scores = self.question_scores(text)
         parts = {"bm25": scores["bm25"], "char": scores["char"]}
         if "cosine" in scores:
             parts["semantic"] = self._rescaled(scores["cosine"])
-            parts["cosine"] = scores["cosine"]
-        pooled = {name: np.maximum.reduceat(v, self._starts) for name, v in parts.items()}
-        return self.fuse(pooled), pooled, self.fuse(parts)
+        pooled = {name: self._pooled(values) for name, values in parts.items()}
+        pooled["classifier"] = np.sqrt(scores["probability"])
+        if "cosine" in scores:
+            questions = scores["cosine"][: len(self.questions)]
+            pooled["cosine"] = np.maximum.reduceat(questions, self._starts)
+        # per question: the scorers alone (the classifier scores entries, not questions)
+        w_bm25, w_char, w_semantic, _ = self.weights
+        per_question = w_bm25 * parts["bm25"] + w_char * parts["char"]
+        if "semantic" in parts:
+            per_question = per_question + w_semantic * parts["semantic"]
+        return self.fuse(pooled), pooled, per_question[: len(self.questions)]
 
     def search(self, text: str, k: int = 3) -> list[Hit]:
         """The ``k`` best entries for ``text``, best first."""
@@ -425,8 +558,9 @@ class Retriever:
         k = max(0, min(k, len(self.entries)))
         top = np.argpartition(-fused, k - 1)[:k] if 0 < k < len(fused) else np.arange(len(fused))
         top = sorted(top[:k], key=lambda i: (-fused[i], i))
-        w_bm25, w_char, _ = self.weights
-        lexical = (w_bm25 * pooled["bm25"] + w_char * pooled["char"]) / max(w_bm25 + w_char, 1e-9)
+        w_bm25, w_char, _, _ = self.weights
+        lexical = self.fields @ (w_bm25 * pooled["bm25"] + w_char * pooled["char"])
+        lexical = lexical / max(w_bm25 + w_char, 1e-9)
         hits = []
         for index in top:
             start = self._starts[index]
@@ -446,26 +580,32 @@ class Retriever:
     # ------------------------------------------------------------ persistence
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index (BM25, char TF-IDF, embeddings, entries) to ``directory``."""
+        """Write the index (BM25, TF-IDF vocabularies, embeddings, classifier, entries)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._bm25.save(str(directory / "bm25"), show_progress=False)
-        vocabulary = {gram: int(i) for gram, i in self._char.vocabulary_.items()}
-        (directory / "char_vocabulary.json").write_text(
-            json.dumps(vocabulary, ensure_ascii=False), encoding="utf-8"
-        )
-        np.save(directory / "char_idf.npy", self._char.idf_)
+        for name, vectorizer in (("char", self._char), ("word", self._words)):
+            vocabulary = {gram: int(i) for gram, i in vectorizer.vocabulary_.items()}
+            (directory / f"{name}_vocabulary.json").write_text(
+                json.dumps(vocabulary, ensure_ascii=False), encoding="utf-8"
+            )
+            np.save(directory / f"{name}_idf.npy", vectorizer.idf_)
         scipy.sparse.save_npz(directory / "char_matrix.npz", self._char_matrix)
         if self._vectors is not None:
             np.save(directory / "embeddings.npy", self._vectors)
+        if self._classifier is not None:
+            np.save(directory / "classifier_coef.npy", self._classifier.coef_)
+            np.save(directory / "classifier_intercept.npy", self._classifier.intercept_)
         meta = {
             "format": FORMAT_VERSION,
             "embedder": self.embedder.name if self.embedder else None,
             "weights": self.weights.tolist(),
+            "fields": self.fields.tolist(),
             "fusion": self.fusion,
             "spelling": self.spelling,
             "chance": self._chance,
-            "questions": self.questions,
+            "documents": self.documents,
+            "descriptions": self.descriptions,
             "entries": [dataclasses.asdict(e) for e in self.entries],
         }
         (directory / "index.json").write_text(
@@ -491,7 +631,9 @@ class Retriever:
         meta = json.loads(path.read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT_VERSION:
             found = meta.get("format")
-            raise UserError(f"{directory}: index format {found}, this code reads {FORMAT_VERSION}")
+            raise UserError(
+                f"{directory}: index format {found}, this code reads {FORMAT_VERSION}: rebuild it"
+            )
         embedder = get_embedder(embedder if embedder is not None else meta["embedder"])
         name = embedder.name if embedder else None
         if name != meta["embedder"]:
@@ -500,25 +642,40 @@ class Retriever:
         retriever = object.__new__(cls)
         retriever.spelling = meta["spelling"]
         retriever._fold = spelling_fold if retriever.spelling else fold
-        vocabulary = json.loads((directory / "char_vocabulary.json").read_text(encoding="utf-8"))
-        char = retriever._char_vectorizer(vocabulary=vocabulary)
-        char.idf_ = np.load(directory / "char_idf.npy")
+        vectorizers = {"char": retriever._char_vectorizer, "word": retriever._word_vectorizer}
+        for key, make in vectorizers.items():
+            vocabulary = json.loads(
+                (directory / f"{key}_vocabulary.json").read_text(encoding="utf-8")
+            )
+            vectorizers[key] = make(vocabulary=vocabulary)
+            vectorizers[key].idf_ = np.load(directory / f"{key}_idf.npy")
+        classifier = None
+        if (directory / "classifier_coef.npy").is_file():
+            classifier = LogisticRegression(C=CLASSIFIER_C, max_iter=CLASSIFIER_ITERATIONS)
+            classifier.coef_ = np.load(directory / "classifier_coef.npy")
+            classifier.intercept_ = np.load(directory / "classifier_intercept.npy")
+            classifier.classes_ = np.arange(len(entries))
+            classifier.n_features_in_ = classifier.coef_.shape[1]
         state = {
             "_bm25": bm25s.BM25.load(str(directory / "bm25"), show_progress=False, verbosity=0),
-            "_char": char,
+            "_char": vectorizers["char"],
+            "_words": vectorizers["word"],
             "_char_matrix": scipy.sparse.load_npz(directory / "char_matrix.npz").tocsr(),
             "_vectors": np.load(directory / "embeddings.npy") if embedder else None,
             "_chance": float(meta["chance"]),
+            "_classifier": classifier,
         }
         retriever.__init__(
             entries,
             embedder,
             weights=weights if weights is not None else meta["weights"],
+            fields=meta["fields"],
             fusion=fusion or meta["fusion"],
             spelling=meta["spelling"],
+            descriptions=meta["descriptions"],
             cache_size=cache_size,
             _state=state,
         )
-        if retriever.questions != meta["questions"]:
-            raise UserError(f"{directory}: index.json questions do not match its entries")
+        if retriever.documents != meta["documents"]:
+            raise UserError(f"{directory}: index.json texts do not match its entries")
         return retriever

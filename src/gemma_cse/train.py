@@ -114,8 +114,8 @@ class AnswerOnlyLM(keras.Model):
     """The backbone plus an output layer that scores only the positions that carry loss.
 
     Inputs: token_ids, padding_mask and ``positions`` (B, K) of the tokens to predict.
-    Output: logits (B, K, V') over ``vocab_ids`` (V' ≤ V). The loss equals the full
-    CausalLM's when ``vocab_ids`` is None (the whole vocabulary).
+    Output: logits (B, K, V') over ``vocab_ids`` (V' ≤ V). With ``answer_token_loss`` the loss
+    equals the full CausalLM's when ``vocab_ids`` is None (the whole vocabulary).
     """
 
     def __init__(self, backbone, vocab_ids: np.ndarray | None, **kwargs):
@@ -566,7 +566,8 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     save_merged_preset(config, causal_lm, run_dir / "preset")
     final = {k: float(v[-1]) for k, v in history.history.items()} if history.history else {}
     epochs_run = len(history.epoch)  # epochs run by this call (after a resume: the rest)
-    tokens = sum(int(b[0]["padding_mask"].sum()) for b in train_batches) * max(1, epochs_run)
+    real = [b[0]["padding_mask"][b[2].any(axis=1)] for b in train_batches]  # not padding rows
+    tokens = sum(int(mask.sum()) for mask in real) * max(1, epochs_run)
     info = {
         "name": config.name,
         "base_model": config.model,
