@@ -34,7 +34,7 @@ from gemma_cse.generation import (
 from gemma_cse.guard import Guard, reply_for
 from gemma_cse.retrieval import Hit, Retriever
 
-DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "cse_gemma3_270m"
+DEFAULT_ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "cse_gemma3_270m_rag"
 SOURCES_IN_PROMPT = 1  # a 270M model copies from one source well, picks among two badly
 MIN_SUPPORT = 0.6  # below this share of words found in the sources, an answer is not grounded
 
