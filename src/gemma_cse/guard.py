@@ -66,8 +66,8 @@ THRESHOLDS_FILE = "guard.json"
 MAX_FALSE_REFUSALS = 0.03
 # used only until a calibration is run or loaded: the values calibrated with the default
 # retriever (USE embedder) on the sample knowledge base
-DEFAULT_THRESHOLD = 0.17
-DEFAULT_CUE_THRESHOLD = 0.65
+DEFAULT_THRESHOLD = 0.13
+DEFAULT_CUE_THRESHOLD = 0.48
 EXPECTED_LABEL = {  # out_of_scope.jsonl's "expected" status → the guard's label
     "out_of_scope": "out_of_scope",
     "refused": "refuse",
@@ -1115,10 +1115,10 @@ class Guard:
     ) -> Guard:
         """A guard for ``retriever`` over ``entries``: thresholds loaded from ``directory`` when
         saved there, else calibrated with ``calibration_protocol`` and saved there. Without a
-        directory, a cache entry keyed by the entries, the retriever's settings and this
-        module's rules is used (``$GEMMA_CSE_CACHE/guard/<key>``), so that a second start is
-        instant. The calibration index scores like ``retriever`` (same class, embedder,
-        weights and fusion), so its scores are on the same scale."""
+        directory, a cache entry keyed by the entries, the retriever's settings and code and
+        this module's rules is used (``$GEMMA_CSE_CACHE/guard/<key>``), so that a second start
+        is instant. The calibration index scores like ``retriever`` (same class, embedder,
+        weights, fields, fusion and topic descriptions), so its scores are on the same scale."""
         directory = Path(directory) if directory is not None else _cache_dir(retriever, entries)
         if (directory / THRESHOLDS_FILE).is_file():
             return cls.load(directory)
@@ -1135,12 +1135,17 @@ def _cache_dir(retriever, entries: Sequence[Entry]) -> Path:
         "class": type(retriever).__name__,
         "embedder": getattr(embedder, "name", None),
         "weights": [round(float(w), 6) for w in getattr(retriever, "weights", [])],
+        "fields": [round(float(w), 6) for w in getattr(retriever, "fields", [])],
+        "descriptions": getattr(retriever, "descriptions", None),
         "fusion": str(getattr(retriever, "fusion", "")),
         "spelling": bool(getattr(retriever, "spelling", True)),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     key.update(json.dumps([asdict(e) for e in entries], ensure_ascii=False).encode())
     key.update(Path(__file__).read_bytes())  # new rules, new thresholds
+    source = getattr(sys.modules.get(type(retriever).__module__), "__file__", None)
+    if source and Path(source).is_file():  # new scoring, new thresholds
+        key.update(Path(source).read_bytes())
     if OUT_OF_SCOPE_FILE.is_file():
         key.update(OUT_OF_SCOPE_FILE.read_bytes())
     root = Path(os.environ.get("GEMMA_CSE_CACHE", "~/.cache/gemma_cse")).expanduser()
@@ -1444,11 +1449,12 @@ def like(retriever) -> Callable[[list[Entry]], object]:
     """Builds retrievers over other entries that score like ``retriever``."""
     options = {
         name: getattr(retriever, name)
-        for name in ("embedder", "weights", "fusion", "spelling")
+        for name in ("embedder", "weights", "fields", "fusion", "spelling", "descriptions")
         if hasattr(retriever, name)
     }
-    if "weights" in options:
-        options["weights"] = list(options["weights"])
+    for name in ("weights", "fields"):
+        if name in options:
+            options[name] = list(options[name])
     return lambda entries: type(retriever)(entries, **options)
 
 

@@ -1,43 +1,52 @@
-"""Retrieval over the knowledge base: every question of every entry, pooled per entry.
+"""Retrieval over the knowledge base: each entry's questions, answer and topic, pooled per entry.
 
-Three scores per indexed question, each in [0, 1] and absolute (not rank-based), so the fused
-score can be thresholded by a guard:
+Each entry is indexed as three fields of texts: its questions, its answer's sentences, and its
+topic's description (``data/cse/topics.jsonl``). Three scores per indexed text, each in [0, 1]
+and absolute (not rank-based), so the fused score can be thresholded by a guard:
 
 - ``bm25``: bm25s (Lucene BM25) over PyStemmer's Spanish stems of accent- and spelling-folded
   words, divided by the query's total IDF (an unknown word counts as one seen once): the
-  fraction of the query's information the question matches.
+  fraction of the query's information the text matches.
 - ``char``: scikit-learn TF-IDF cosine over char_wb 3–5-grams of the folded text (typos).
 - ``semantic``: cosine of L2-normalised sentence embeddings (USE or multilingual-e5-small,
   offline, no deep-learning framework), rescaled so that the KB's chance level (the mean
-  cosine between questions of different entries) maps to 0.
+  cosine between texts of different entries) maps to 0.
 
-Each score is max-pooled over an entry's questions, then fused as a weighted sum.
+Each score is max-pooled over an entry's texts of one field, and the fields are summed with
+weights ``fields`` (question 0.2, answer 0.6, topic 0.2). A fourth score per entry,
+``classifier``: the square root of the probability that a scikit-learn logistic regression
+over entries gives the query, trained on the indexed texts (questions count 1, answer
+sentences and descriptions 0.5) with word (stems and stem pairs) TF-IDF, char TF-IDF and
+embedding features. The four are fused as a weighted sum (0.4/0.24/0.16/0.2 with USE).
 
 Choices, measured with ``benchmarks/bench_retrieval.py``: the index holds the train questions
-only; 132 unseen test variants; weights chosen on 587 validation variants of 5 seeded splits;
-CPU ms per new query (embedding included) on the 2-core CPU, p95:
+only; 132 unseen test variants; weights chosen on 587 validation variants of 5 seeded splits
+("val MRR"); AUROC of the top score, test questions vs ``out_of_scope.jsonl``; CPU ms per new
+query (embedding included) on the busy 2-core CPU, p95:
 
-    configuration                  test hit@1  hit@3   MRR   AUROC oos  CPU p95 ms
-    BM25, accent folding only         0.417    0.614  0.551    0.84        1.8
-    BM25                              0.462    0.652  0.592    0.85        1.6
-    char 3-5                          0.424    0.720  0.592    0.84        1.5
-    BM25+char 0.6/0.4                 0.500    0.712  0.635    0.85        1.6
-    USE alone                         0.417    0.682  0.576    0.89        5.9
-    e5 alone                          0.553    0.735  0.660    0.93       48.1
-    BM25+char+USE 0.5/0.3/0.2 (*)     0.538    0.788  0.687    0.90        6.1
-    BM25+char+USE RRF                 0.530    0.773  0.674    0.79        6.2
-    BM25+char+e5 0.4/0.2/0.4          0.568    0.826  0.707    0.93       48.7
+    configuration                       val MRR  test hit@1  hit@3   MRR  AUROC  CPU p95 ms
+    before: BM25+char, questions         0.657     0.500    0.712  0.635  0.85      1.5
+    before: BM25+char+USE, questions     0.707     0.538    0.788  0.687  0.90      5.0
+    BM25+char+USE, all fields            0.792     0.682    0.871  0.792  0.90      8.4
+    classifier (with USE) alone          0.827     0.758    0.909  0.833  0.86      7.8
+    BM25+char+classifier (lexical)       0.807     0.682    0.879  0.783  0.87      4.0
+    BM25+char+USE+classifier (*)         0.844     0.735    0.917  0.825  0.90      7.4
+    BM25+char+e5+classifier              0.859     0.750    0.917  0.841  0.91     50.7
 
-- Spelling folding (c/s/z, b/v, ll/y, h, qu/k, g/j, doubled letters) adds 3-4 points of hit@1
-  to each lexical scorer; fusing BM25 and char n-grams adds 4 more.
-- Weighted fusion beats RRF on validation (MRR 0.713 vs 0.680 with USE) and alone gives
-  absolute scores a guard can threshold (AUROC of the top score, test vs out_of_scope.jsonl).
-- USE is the default (*). Fused with the lexical scores it matches e5 (validation MRR over 587
-  questions 0.707 vs 0.710) at an eighth of the cost; e5 alone beats USE alone (0.610 vs 0.578)
-  but a new query costs ~50 ms of CPU, over the 20 ms budget for retrieval + guard. Re-ranking
-  would not save that (the query embedding is the cost) and the LRU cache only helps repeated
-  questions, so ``embedder="e5"`` is for offline work. Wall time with other jobs running:
-  p50 8 ms, p95 13 ms.
+- Answers and topic descriptions carry the words that an entry's few questions lack: with
+  them, BM25+char+USE goes from validation hit@1 0.533 to 0.673 (hit@3 0.802 → 0.901).
+- The classifier learns which words tell sibling entries apart (the cost vs. the steps of one
+  procedure). Alone it ranks well (validation hit@1 0.722) but thresholds worse (AUROC of
+  validation vs out-of-scope 0.850); fused at 0.2 it gives hit@1 0.748, hit@3 0.935 at AUROC
+  0.885 (0.894 before). A weight of 0.4 gains 0.005 validation MRR and loses 0.011 AUROC: 0.2
+  was kept for the guard.
+- Rejected on validation: weighting the last "¿...?" of a long message 20–50 % (MRR 0.843 →
+  0.835–0.797: that part is often generic, "¿dónde se pide?"); RRF (seed-13 validation MRR
+  0.802 vs 0.846, AUROC 0.80).
+- USE is the default (*): e5 scores 0.015 validation MRR more for 7 times the CPU per query,
+  over the 20 ms budget for retrieval + guard, so ``embedder="e5"`` is for offline work.
+- Building the index trains the classifier: ~9 s of CPU for the full KB; ``save``/``load``
+  keep it (float32 coefficients, ~18 MB).
 """
 
 from __future__ import annotations
