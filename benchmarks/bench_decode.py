@@ -16,6 +16,7 @@ import numpy as np
 
 from gemma_cse.data import load_entries, stop_token_id
 from gemma_cse.generation import (
+    LENGTH_BUCKET,
     DecodingConfig,
     Generator,
     chat_prompt,
@@ -41,12 +42,13 @@ def timed(fn, runs: int) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     causal_lm = load_causal_lm()
     tokenizer = causal_lm.preprocessor.tokenizer
     prompt = chat_prompt(tokenizer, [], QUESTION)
     prompt_len = len(np.asarray(tokenizer.tokenize(prompt))) + 1
+    # Every variant decodes exactly up to one length bucket, with no stop token: same count.
+    args.new_tokens = LENGTH_BUCKET - prompt_len
     # Force a fixed number of new tokens: no stop token, so every variant decodes the same count.
     causal_lm.compile(sampler="greedy")
 

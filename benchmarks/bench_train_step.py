@@ -11,11 +11,16 @@ from __future__ import annotations
 import argparse
 import time
 
-import keras
-
 from gemma_cse.config import Config
 from gemma_cse.data import load_entries, make_splits, pack
-from gemma_cse.train import AnswerOnlyLM, build_model, encode_entries, make_batches, vocabulary
+from gemma_cse.train import (
+    AnswerOnlyLM,
+    answer_token_loss,
+    build_model,
+    encode_entries,
+    make_batches,
+    vocabulary,
+)
 
 BATCH, SEQ = 4, 128
 
@@ -29,9 +34,11 @@ def timed_steps(model, x, y, w, steps: int) -> float:
 
 
 def compile_model(model) -> None:
+    import keras  # after gemma_cse, which selects the JAX backend
+
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=answer_token_loss(),
     )
 
 

@@ -63,3 +63,24 @@ def test_embedded_vocabulary_exports_as_llamacpp_stores_it():
     assert pieces == original
     assert types == [int(t) for t in field(reader, "tokenizer.ggml.token_type")]
     np.testing.assert_allclose(scores, field(reader, "tokenizer.ggml.scores"))
+
+
+def test_llamacpp_reads_the_exported_gguf_like_kerashub(tiny_gemma, tmp_path):
+    """llama.cpp itself loads our GGUF: same token ids and the same greedy continuation."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = export_gguf(tiny_gemma, tmp_path / "tiny.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    for question in ("¿Cómo tramito mi constancia?", "hola", "¿Cuándo es la reinscripción?"):
+        text = f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+        ids = [tokenizer.start_token_id, *np.asarray(tokenizer.tokenize(text)).tolist()]
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+        keras_ids, llama_ids = list(ids), list(ids)
+        for _ in range(8):  # greedy, one token at a time in both
+            x = np.array([keras_ids])
+            logits = np.asarray(tiny_gemma({"token_ids": x, "padding_mask": np.ones_like(x, bool)}))
+            keras_ids.append(int(np.argmax(logits[0, -1])))
+            llm.reset()
+            llm.eval(llama_ids)
+            llama_ids.append(int(np.argmax(llm.scores[len(llama_ids) - 1])))
+        assert llama_ids == keras_ids
