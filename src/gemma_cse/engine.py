@@ -146,23 +146,20 @@ def unsupported_facts(answer: str, sources: Sequence[Entry]) -> list[str]:
 
 def load_generator(model: str, adapter: Path | None, entries: Sequence[Entry], decoding):
     """The causal LM (with the LoRA adapter of a run, if any) ready for fast decoding."""
-    from gemma_cse.config import Config, load_config
-    from gemma_cse.train import build_model
-
-    config = load_config(adapter / "config.yaml") if adapter else Config(model=model)
-    causal_lm = build_model(config) if adapter else _base_model(model)
     if adapter:
+        from gemma_cse.config import load_config
+        from gemma_cse.train import build_model
+
+        causal_lm = build_model(load_config(adapter / "config.yaml"))
         causal_lm.backbone.load_lora_weights(str(adapter / "adapter.lora.h5"))
+    else:
+        from gemma_cse.models import load_causal_lm
+
+        causal_lm = load_causal_lm(model)
     tokenizer = causal_lm.preprocessor.tokenizer
     texts = [t for e in entries for t in (*e.questions, e.answer, e.source)]
     restrict_vocabulary(causal_lm, vocabulary_for(tokenizer, texts + [FEW_SHOT[0][1]]))
     return Generator(causal_lm, decoding)
-
-
-def _base_model(model: str):
-    from gemma_cse.models import load_causal_lm
-
-    return load_causal_lm(model)
 
 
 class Engine:

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,13 +466,11 @@ def save_merged_preset(config: Config, causal_lm, out: Path) -> None:
                 lora.lora_alpha / lora.lora_rank
             )
             layer.kernel.assign(layer.kernel + np.asarray(delta, "float32"))
-    _atomic_dir = out.with_name(f".{out.name}.tmp")
-    import shutil
-
-    shutil.rmtree(_atomic_dir, ignore_errors=True)
-    merged.save_to_preset(str(_atomic_dir))
+    partial = out.with_name(f".{out.name}.tmp")  # written aside, then renamed into place
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_to_preset(str(partial))
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(_atomic_dir, out)
+    os.replace(partial, out)
 
 
 # ---------------------------------------------------------------- main
@@ -483,8 +482,6 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     run_dir = config.run_dir
     ckpt = run_dir / "checkpoints"
     if fresh and run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
     start_epoch = 0
