@@ -2,8 +2,9 @@
 
 Prints new tokens/s (prefill included, compile excluded) for a knowledge-base question:
 (a) KerasHub ``generate`` as is (262k-token output layer, max_length 256), (b) our Generator
-with length buckets, (c) plus the output layer restricted to the knowledge base's tokens;
-and whether a second request recompiled (JAX jit cache size). llama.cpp on the same GGUF
+with length buckets, (c) plus the output layer restricted to the knowledge base's tokens,
+(d) plus the attention projections read in place (``prepare_for_decoding``, what the engine
+uses); and whether a second request recompiled (JAX jit cache size). llama.cpp on the same GGUF
 runs at 62–70 tokens/s on these 2 cores. Usage: python benchmarks/bench_decode.py [--runs 3]
 """
 
@@ -21,6 +22,7 @@ from gemma_cse.generation import (
     Generator,
     chat_prompt,
     count_compilations,
+    prepare_for_decoding,
     restrict_vocabulary,
     vocabulary_for,
 )
@@ -72,6 +74,10 @@ def main() -> None:
     generator = Generator(causal_lm, DecodingConfig(max_new_tokens=args.new_tokens))
     generator.stop_ids = None
     rate_subset, _ = timed(ours, args.runs)
+    prepare_for_decoding(causal_lm, vocab)
+    generator = Generator(causal_lm, DecodingConfig(max_new_tokens=args.new_tokens))
+    generator.stop_ids = None
+    rate_prepared, _ = timed(ours, args.runs)
     compilations = count_compilations()
     generator.generate(chat_prompt(tokenizer, [], "¿Cuándo es la reinscripción?"))
     recompiled = bool(compilations)
@@ -80,6 +86,7 @@ def main() -> None:
     print(f"  a) KerasHub generate, full vocab      {rate_plain:6.1f} tokens/s")
     print(f"  b) Generator, length buckets          {rate_bucketed:6.1f} tokens/s")
     print(f"  c) + KB vocabulary ({len(vocab):,} tokens)  {rate_subset:6.1f} tokens/s")
+    print(f"  d) + heads projections in place     {rate_prepared:6.1f} tokens/s")
     print(f"  second request of another length recompiled: {recompiled}")
     print(f"  stop token id: {stop_token_id(tokenizer)}")
 

@@ -1,4 +1,4 @@
-"""Generation: chat prompts, the restricted output layer, bounded decoding, compile reuse."""
+"""Generation: chat prompts, the fast decoding layout, bounded decoding, compile reuse."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from gemma_cse.generation import (
     count_compilations,
     cut_repetition,
     grounded_message,
+    lookup_draft,
+    merge_lora,
+    prepare_for_decoding,
     restrict_vocabulary,
+    use_heads_projections,
     vocabulary_for,
 )
 from gemma_cse.models import load_causal_lm
@@ -70,10 +74,11 @@ def test_subset_output_equals_full_logits_on_its_columns(tiny_gemma):
     assert (subset[..., others] <= -1e8).all()
 
 
-def test_restricted_generation_uses_only_allowed_tokens(tiny_gemma):
+@pytest.mark.parametrize("prepare", [restrict_vocabulary, prepare_for_decoding])
+def test_restricted_generation_uses_only_allowed_tokens(tiny_gemma, prepare):
     tokenizer = tiny_gemma.preprocessor.tokenizer
     allowed = vocabulary_for(tokenizer, ["Consulta el SEL para tu constancia de estudios."])
-    restrict_vocabulary(tiny_gemma, allowed)
+    prepare(tiny_gemma, allowed)
     Generator(tiny_gemma, DecodingConfig(max_new_tokens=12))  # compiles with the greedy sampler
     prompt = chat_prompt(tokenizer, [], "¿Dónde pido mi constancia?")
     inputs = tiny_gemma.preprocessor.generate_preprocess([prompt], sequence_length=64)
@@ -96,3 +101,56 @@ def test_generation_is_bounded_and_reuses_the_compiled_function(tiny_gemma):
     second = generator.generate(chat_prompt(tokenizer, [], "¿Y las bajas de UEA, cuándo son?"))
     assert second.new_tokens <= 8
     assert len(compilations) == before  # same length bucket: the compiled function is reused
+
+
+def test_merged_lora_and_heads_projections_keep_logits_and_answers(tiny_gemma):
+    backbone = tiny_gemma.backbone
+    backbone.enable_lora(rank=2)
+    rng = np.random.default_rng(0)
+    for variable in backbone.trainable_variables:  # LoRA B starts at zero: make it count
+        variable.assign(rng.normal(scale=0.05, size=variable.shape).astype("float32"))
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    prompt = chat_prompt(tokenizer, [], "¿Dónde pido mi constancia?")
+    inputs = tiny_gemma.preprocessor.generate_preprocess([prompt], sequence_length=32)
+    inputs = {k: np.asarray(inputs[k]) for k in ("token_ids", "padding_mask")}
+    Generator(tiny_gemma, DecodingConfig(max_new_tokens=10))
+    before = np.asarray(tiny_gemma(inputs))
+    answer = tiny_gemma.generate(prompt, max_length=48, stop_token_ids=None)
+
+    layers = len(backbone.transformer_layers)
+    assert merge_lora(backbone) == 2 * layers  # query and value of every layer
+    assert not any(getattr(x, "lora_enabled", False) for x in backbone._flatten_layers())
+    assert use_heads_projections(tiny_gemma) == 2 * layers  # query and output projections
+    assert use_heads_projections(tiny_gemma) == 0  # idempotent
+    np.testing.assert_allclose(np.asarray(tiny_gemma(inputs)), before, rtol=1e-4, atol=1e-4)
+    assert tiny_gemma.generate(prompt, max_length=48, stop_token_ids=None) == answer
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        ([5, 6, 7, 8, 9, 1, 6, 7], [8, 9, 1]),  # the 2-gram (6, 7) occurred: what followed
+        ([5, 6, 7, 5, 6, 9, 2, 5, 6], [9, 2, 5]),  # the latest occurrence wins
+        ([1, 2, 3, 4], []),  # the last token never occurred before
+    ],
+)
+def test_lookup_draft(history, expected):
+    assert lookup_draft(history, 3) == expected
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_prompt_lookup_decoding_gives_the_greedy_answer(tiny_gemma, fast):
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    if fast:
+        texts = ["Consulta el SEL para tu constancia de estudios.", "La CSE atiende de 9 a 15."]
+        prepare_for_decoding(tiny_gemma, vocabulary_for(tokenizer, texts))
+    plain = Generator(tiny_gemma, DecodingConfig(max_new_tokens=40), lookup=False)
+    lookup = Generator(tiny_gemma, DecodingConfig(max_new_tokens=40))
+    assert lookup.lookup and not plain.lookup
+    source = "Fuente: la constancia de estudios se pide en el SEL y se entrega en ventanilla. "
+    for question in ("¿Dónde pido mi constancia?", source * 3 + "¿Y la constancia de estudios?"):
+        prompt = chat_prompt(tokenizer, [], question)
+        expected, got = plain.generate(prompt), lookup.generate(prompt)
+        assert got.token_ids == expected.token_ids and len(got.token_ids) > 0
+        assert (got.text, got.stopped) == (expected.text, expected.stopped)
+    assert got.forward_passes < got.new_tokens, "drafts from the prompt were accepted"

@@ -28,7 +28,7 @@ from gemma_cse.generation import (
     Generator,
     chat_prompt,
     grounded_message,
-    restrict_vocabulary,
+    prepare_for_decoding,
     vocabulary_for,
 )
 from gemma_cse.guard import Guard, reply_for
@@ -158,7 +158,7 @@ def load_generator(model: str, adapter: Path | None, entries: Sequence[Entry], d
         causal_lm = load_causal_lm(model)
     tokenizer = causal_lm.preprocessor.tokenizer
     texts = [t for e in entries for t in (*e.questions, e.answer, e.source)]
-    restrict_vocabulary(causal_lm, vocabulary_for(tokenizer, texts + [FEW_SHOT[0][1]]))
+    prepare_for_decoding(causal_lm, vocabulary_for(tokenizer, texts + [FEW_SHOT[0][1]]))
     return Generator(causal_lm, decoding)
 
 

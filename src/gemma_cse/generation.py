@@ -1,11 +1,17 @@
 """Grounded generation: prompts in the model's chat format, bounded decoding that stops at
 end-of-turn, a guard against repetition loops, and a faster output layer.
 
-Speed: on a CPU most of a decode step of Gemma 3 270M is the 262k × 640 output projection.
-``restrict_vocabulary`` computes logits only for the tokens the knowledge base uses (a few
-thousand) and leaves every other token at -inf, so greedy and sampled decoding pick from
-those tokens only. Prompts are padded to a few length buckets so the compiled ``generate``
-is reused across requests instead of recompiled.
+Speed, on a CPU (``prepare_for_decoding``): a plain decode step of Gemma 3 270M reads the
+262k × 640 output projection, copies every attention kernel into another layout, and adds
+the LoRA product to the kernels it adapts. We merge LoRA into the kernels once, compute the
+attention projections as matmuls over the kernels as stored (``HeadsProjection``), and
+score only the tokens the knowledge base uses (``restrict_vocabulary``; every other token
+stays at -inf). Greedy decoding of Gemma 3 then uses prompt-lookup decoding
+(``Generator``): grounded answers copy long spans of their sources, so the tokens that
+followed the last few generated tokens in the prompt are drafted and one forward pass checks
+them all; a step reads the weights once whether it checks 1 token or 8, and the output is
+the greedy one. Lengths are padded to buckets so compiled functions are reused across
+requests instead of recompiled.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from keras import ops
 from gemma_cse.data import CHAT_FORMATS, Entry, chat_family, stop_token_id
 
 LENGTH_BUCKET = 128  # total sequence lengths are multiples of this: few compiled shapes
+PREFILL_CHUNK = 64  # prompt tokens per forward pass when filling the cache
+LOOKUP_TOKENS = 8  # tokens one prompt-lookup step checks: the last token + 7 drafted
+LOOKUP_NGRAM = 3  # longest suffix of the text looked up in the prompt and answer so far
 
 INSTRUCTIONS = (
     "Eres el asistente virtual de la Coordinación de Sistemas Escolares (CSE) de la "
@@ -56,6 +65,8 @@ class Generation:
     stopped: bool  # ended on the end-of-turn token (not cut by the length bound)
     repetition_cut: bool
     seconds: float
+    forward_passes: int = 0  # decode steps (prompt-lookup: < new_tokens when drafts hit)
+    token_ids: tuple[int, ...] = ()  # the new tokens, without the stop token
 
     @property
     def tokens_per_second(self) -> float:
@@ -83,6 +94,106 @@ class SubsetOutput(keras.layers.Layer):
         full = ops.full((self.vocabulary_size, *ops.shape(columns)[1:]), -1e9, logits.dtype)
         full = ops.scatter_update(full, self.token_ids[:, None], columns)
         return ops.moveaxis(full, 0, -1)  # tokens outside the subset stay at -1e9
+
+
+class HeadsProjection(keras.layers.Layer):
+    """An attention ``EinsumDense`` computed as matmuls that read its kernel as stored.
+
+    For ``btd,ndh->btnh`` (query) and ``btnh,nhd->btd`` (output) XLA on CPU copies the
+    kernel into a (in, out) layout at every decode step: 13 of 28 ms a token on the embedded
+    model. A matmul batched over heads (query) or over the flattened heads (output) reads
+    the same weights in place. ``dense.kernel`` includes LoRA if it is still enabled.
+    """
+
+    EQUATIONS = ("btd,ndh->btnh", "btnh,nhd->btd")
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(name=f"{dense.name}_heads", dtype=dense.dtype_policy, **kwargs)
+        self.dense = dense
+
+    def call(self, x):
+        kernel = ops.cast(self.dense.kernel, x.dtype)
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        if self.dense.equation == self.EQUATIONS[0]:  # (n, d, h): one matmul per head
+            heads, dim, head_dim = ops.shape(kernel)
+            rows = ops.broadcast_to(ops.reshape(x, (1, -1, dim)), (heads, batch * length, dim))
+            y = ops.transpose(ops.matmul(rows, kernel), (1, 0, 2))
+            return ops.reshape(y, (batch, length, heads, head_dim))
+        out_dim = ops.shape(kernel)[-1]  # (n, h, d): (n·h, d) is the same memory
+        y = ops.matmul(ops.reshape(x, (batch * length, -1)), ops.reshape(kernel, (-1, out_dim)))
+        return ops.reshape(y, (batch, length, out_dim))
+
+
+def merge_lora(backbone) -> int:
+    """Add each float kernel's LoRA product into the kernel and turn LoRA off (inference).
+
+    Returns the number of layers merged; LoRA on a quantized kernel is left as it is.
+    """
+    merged = 0
+    for layer in backbone._flatten_layers():
+        if getattr(layer, "lora_enabled", False) and layer.quantization_mode is None:
+            layer._kernel.assign(layer.kernel)  # the kernel property adds the LoRA product
+            layer.lora_enabled = False
+            merged += 1
+    return merged
+
+
+def use_heads_projections(causal_lm) -> int:
+    """Point every attention's query/output projection at a ``HeadsProjection`` (inference).
+
+    Like ``restrict_vocabulary`` this bypasses Keras layer tracking: the weights stay those
+    of the original layers, which ``fit`` and saving keep using. Returns how many changed.
+    """
+    changed = 0
+    for layer in causal_lm.backbone._flatten_layers():
+        for name in ("query_dense", "output_dense"):
+            dense = getattr(layer, name, None)
+            if isinstance(dense, HeadsProjection):
+                continue
+            if (
+                isinstance(dense, keras.layers.EinsumDense)
+                and dense.equation in HeadsProjection.EQUATIONS
+                and dense.quantization_mode is None
+            ):
+                object.__setattr__(layer, name, HeadsProjection(dense))
+                changed += 1
+    causal_lm.generate_function = None  # recompile with the new projections
+    return changed
+
+
+def prepare_for_decoding(causal_lm, token_ids: np.ndarray | None) -> None:
+    """Everything that makes ``generate`` fast on a CPU; same weights, inference only."""
+    merge_lora(causal_lm.backbone)
+    use_heads_projections(causal_lm)
+    if token_ids is not None:
+        restrict_vocabulary(causal_lm, token_ids)
+
+
+def greedy_tokens(causal_lm, hidden):
+    """Argmax token ids for final hidden states, scoring only a restricted vocabulary's rows.
+
+    Soft-capping is monotonic, so it cannot change the argmax and is skipped.
+    """
+    output = causal_lm.backbone.token_embedding
+    if isinstance(output, SubsetOutput):
+        rows = ops.take(output.embedding.embeddings, output.token_ids, axis=0)
+        best = ops.argmax(ops.einsum("...h,vh->...v", hidden, ops.cast(rows, hidden.dtype)), -1)
+        return ops.take(output.token_ids, best)
+    scores = ops.einsum("...h,vh->...v", hidden, ops.cast(output.embeddings, hidden.dtype))
+    return ops.cast(ops.argmax(scores, -1), "int32")
+
+
+def lookup_draft(history: Sequence[int], count: int, ngram: int = LOOKUP_NGRAM) -> list[int]:
+    """The ``count`` tokens that followed the latest earlier occurrence of the history's
+    last n-gram (longest n ≤ ``ngram`` first), or [] when its last token never occurred."""
+    tokens = np.asarray(history)
+    for n in range(min(ngram, len(tokens) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+        found = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+        if len(found):
+            start = int(found[-1]) + n
+            return tokens[start : start + count].tolist()
+    return []
 
 
 def vocabulary_for(tokenizer, texts: Iterable[str]) -> np.ndarray:
@@ -170,9 +281,13 @@ def count_compilations():
 
 
 class Generator:
-    """A CausalLM with decoding settings fixed once, so its compiled function is reused."""
+    """A CausalLM with decoding settings fixed once, so its compiled functions are reused.
 
-    def __init__(self, causal_lm, decoding: DecodingConfig = DecodingConfig()):
+    Greedy decoding of a Gemma 3 model on JAX runs prompt-lookup decoding (``lookup``);
+    sampling and other families run KerasHub's ``generate``.
+    """
+
+    def __init__(self, causal_lm, decoding: DecodingConfig = DecodingConfig(), lookup=True):
         import keras_hub
 
         self.causal_lm = causal_lm
@@ -181,6 +296,13 @@ class Generator:
         self.stop_ids = tuple(
             sorted({stop_token_id(self.tokenizer), int(self.tokenizer.end_token_id)})
         )
+        self.lookup = (
+            lookup
+            and decoding.temperature <= 0
+            and keras.backend.backend() == "jax"
+            and isinstance(causal_lm, keras_hub.models.Gemma3CausalLM)
+        )
+        self._jitted = None
         if decoding.temperature > 0:
             sampler = keras_hub.samplers.TopPSampler(
                 p=decoding.top_p,
@@ -197,17 +319,92 @@ class Generator:
 
     def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
         limit = max_new_tokens or self.decoding.max_new_tokens
+        if self.lookup:
+            return self._generate_lookup(prompt, limit)
+        start = time.perf_counter()
         length = self.prompt_length(prompt)
         bucket = -(-(length + limit) // LENGTH_BUCKET) * LENGTH_BUCKET
+        inputs = self.causal_lm.preprocessor.generate_preprocess([prompt], sequence_length=bucket)
+        output = self.causal_lm.make_generate_function()(inputs, stop_token_ids=self.stop_ids)
+        ids = np.asarray(output["token_ids"])[0, length:]
+        new = ids[np.asarray(output["padding_mask"])[0, length:].astype(bool)].tolist()
+        return self._finish(new, limit, time.perf_counter() - start, len(new))
+
+    def _finish(self, new: list[int], limit: int, seconds: float, passes: int) -> Generation:
+        """Text of the new token ids, up to a stop token or ``limit``, repetition cut."""
+        stops = [i for i, token in enumerate(new) if token in self.stop_ids]
+        stopped = bool(stops) and stops[0] < limit
+        new = new[: stops[0]] if stopped else new[:limit]
+        text = self.tokenizer.detokenize(np.asarray(new, "int32"))
+        text = text if isinstance(text, str) else np.asarray(text).item().decode()
+        text, looped = cut_repetition(text)
+        return Generation(text, len(new), stopped, looped, seconds, passes, tuple(new))
+
+    def _forward(self):
+        """The cached model's forward pass, jitted once (JAX compiles once per shape)."""
+        if self._jitted is None:
+            import jax
+
+            lm = self.causal_lm
+
+            def forward(state, token_ids, cache, index):
+                trainable, non_trainable = state
+                mapping = [
+                    *zip(lm.trainable_variables, trainable, strict=True),
+                    *zip(lm.non_trainable_variables, non_trainable, strict=True),
+                ]
+                with keras.StatelessScope(state_mapping=mapping):
+                    _, hidden, cache = lm.call_with_cache(token_ids, cache, index)
+                    return greedy_tokens(lm, hidden), cache
+
+            self._jitted = jax.jit(forward, donate_argnums=(2,))
+        return self._jitted
+
+    def _generate_lookup(self, prompt: str, limit: int) -> Generation:
+        """Greedy decoding that checks drafted tokens from the prompt in one forward pass."""
+        lm = self.causal_lm
         start = time.perf_counter()
-        output = self.causal_lm.generate(prompt, max_length=bucket, stop_token_ids=self.stop_ids)
-        seconds = time.perf_counter() - start
-        reply = output[len(prompt) :] if output.startswith(prompt) else output
-        new_ids = np.asarray(self.tokenizer.tokenize(reply)).reshape(-1)
-        stopped = len(new_ids) < bucket - length
-        if len(new_ids) > limit:  # the bucket allows a little more than asked: cut at the bound
-            reply = self.tokenizer.detokenize(new_ids[:limit])
-            reply = reply if isinstance(reply, str) else np.asarray(reply).item().decode()
-            stopped = False
-        text, looped = cut_repetition(reply)
-        return Generation(text, int(min(len(new_ids), limit)), stopped, looped, seconds)
+        state = (
+            [v.value for v in lm.trainable_variables],
+            [v.value for v in lm.non_trainable_variables],
+        )
+        inputs = lm.preprocessor.generate_preprocess(
+            [prompt], sequence_length=self.prompt_length(prompt)
+        )
+        mask = np.asarray(inputs["padding_mask"]).reshape(-1).astype(bool)
+        history = np.asarray(inputs["token_ids"]).reshape(-1)[mask].tolist()
+        length = len(history)
+        chunked = -(-length // PREFILL_CHUNK) * PREFILL_CHUNK
+        max_length = -(-max(chunked, length + limit + LOOKUP_TOKENS) // LENGTH_BUCKET)
+        max_length *= LENGTH_BUCKET
+        padded = np.zeros((1, chunked), "int32")
+        padded[0, :length] = history
+        backbone = lm.backbone
+        shape = (1, max_length, backbone.num_key_value_heads, backbone.head_dim)
+        cache = tuple(
+            (ops.zeros(shape, lm.compute_dtype), ops.zeros(shape, lm.compute_dtype))
+            for _ in range(backbone.num_layers)
+        )
+        forward = self._forward()
+        for begin in range(0, chunked, PREFILL_CHUNK):  # the cache, a chunk at a time
+            chunk = padded[:, begin : begin + PREFILL_CHUNK]
+            ids, cache = forward(state, chunk, cache, np.int32(begin))
+        new = [int(np.asarray(ids)[0, length - 1 - begin])]
+        passes = 0
+        while new[-1] not in self.stop_ids and len(new) < limit:
+            draft = lookup_draft(history + new, LOOKUP_TOKENS - 1)
+            tokens = np.asarray([[new[-1], *draft]], "int32")
+            if draft and len(draft) < LOOKUP_TOKENS - 1:  # pad to the compiled width
+                tokens = np.pad(tokens, ((0, 0), (0, LOOKUP_TOKENS - 1 - len(draft))))
+            index = length + len(new) - 1  # position of the last token, not yet cached
+            ids, cache = forward(state, tokens, cache, np.int32(index))
+            predicted = np.asarray(ids)[0].tolist()
+            passes += 1
+            accepted = 0
+            while accepted < len(draft) and predicted[accepted] == draft[accepted]:
+                accepted += 1
+            for token in [*draft[:accepted], predicted[accepted]]:
+                new.append(int(token))
+                if token in self.stop_ids or len(new) >= limit:
+                    break
+        return self._finish(new, limit, time.perf_counter() - start, passes)
