@@ -1,11 +1,17 @@
-"""Decode speed of the embedded Gemma 3 270M: plain KerasHub generate vs our Generator.
+"""Decode speed of the embedded Gemma 3 270M: plain KerasHub generate, our decoding, llama.cpp.
 
-Prints new tokens/s (prefill included, compile excluded) for a knowledge-base question:
-(a) KerasHub ``generate`` as is (262k-token output layer, max_length 256), (b) our Generator
-with length buckets, (c) plus the output layer restricted to the knowledge base's tokens,
-(d) plus the attention projections read in place (``prepare_for_decoding``, what the engine
-uses); and whether a second request recompiled (JAX jit cache size). llama.cpp on the same GGUF
-runs at 62–70 tokens/s on these 2 cores. Usage: python benchmarks/bench_decode.py [--runs 3]
+Part 1, a fixed count of new tokens (no stop token) after a short question, base model:
+(a) KerasHub ``generate`` as is (262k-token output layer), (b) the output layer restricted
+to the knowledge base's tokens, (c) plus LoRA merged and the attention projections read in
+place (``prepare_for_decoding``), (d) plus prompt-lookup decoding (what the engine runs),
+(e) llama.cpp (llama-cpp-python, if installed) on the same GGUF and prompt. Rates are new
+tokens/s with prefill included and compilation excluded.
+
+Part 2, the engine's default (``rag_lora``: the committed adapter, grounded prompts) on the
+first ``--questions`` test questions: greedy decoding without and with prompt lookup, the
+same prepared model. Prints tokens/s, tokens per forward pass, how many answers are
+identical (the quality cost of prompt lookup: it should be none), and that answering the
+same prompts again compiles nothing. Usage: python benchmarks/bench_decode.py [--runs 3]
 """
 
 from __future__ import annotations
@@ -15,80 +21,127 @@ import time
 
 import numpy as np
 
-from gemma_cse.data import load_entries, stop_token_id
+from gemma_cse.data import load_entries, make_splits
+from gemma_cse.engine import DEFAULT_ADAPTER, SOURCES_IN_PROMPT, load_generator
 from gemma_cse.generation import (
     LENGTH_BUCKET,
     DecodingConfig,
     Generator,
     chat_prompt,
     count_compilations,
+    grounded_message,
     prepare_for_decoding,
     restrict_vocabulary,
     vocabulary_for,
 )
 from gemma_cse.models import load_causal_lm
+from gemma_cse.retrieval import Retriever
 
 QUESTION = "¿Cómo solicito una constancia de estudios con calificaciones?"
 
 
-def timed(fn, runs: int) -> tuple[float, int]:
-    fn()  # compile
+def timed(fn, runs: int) -> float:
+    """Median new tokens/s of ``fn`` (which returns its token count), after one warm-up."""
+    fn()
     rates = []
     for _ in range(runs):
         start = time.perf_counter()
         tokens = fn()
         rates.append(tokens / (time.perf_counter() - start))
-    return float(np.median(rates)), tokens
+    return float(np.median(rates))
+
+
+def llama_cpp_rate(prompt: str, new_tokens: int, runs: int) -> float | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from gemma_cse.models import embedded_gguf
+
+    llm = llama_cpp.Llama(str(embedded_gguf()), n_ctx=512, n_threads=2, verbose=False)
+    ids = [llm.token_bos(), *llm.tokenize(prompt.encode(), add_bos=False, special=True)]
+
+    def decode():
+        for count, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), 1):
+            if count == new_tokens:
+                return count
+
+    return timed(decode, runs)
+
+
+def fixed_count(args) -> None:
+    causal_lm = load_causal_lm()
+    tokenizer = causal_lm.preprocessor.tokenizer
+    prompt = chat_prompt(tokenizer, [], QUESTION)
+    prompt_len = len(np.asarray(tokenizer.tokenize(prompt))) + 1
+    new_tokens = LENGTH_BUCKET - prompt_len  # exactly one length bucket, no stop token
+    causal_lm.compile(sampler="greedy")
+
+    def plain():
+        causal_lm.generate(prompt, max_length=prompt_len + new_tokens, stop_token_ids=None)
+        return new_tokens
+
+    def ours(lookup: bool):
+        generator = Generator(causal_lm, DecodingConfig(max_new_tokens=new_tokens), lookup)
+        generator.stop_ids = ()  # the same fixed count as above
+        return lambda: generator.generate(prompt).new_tokens
+
+    rates = {"a) KerasHub generate, full vocabulary": timed(plain, args.runs)}
+    entries = load_entries()
+    vocab = vocabulary_for(tokenizer, [t for e in entries for t in (*e.questions, e.answer)])
+    restrict_vocabulary(causal_lm, vocab)
+    rates[f"b) + KB vocabulary ({len(vocab):,} tokens)"] = timed(ours(False), args.runs)
+    prepare_for_decoding(causal_lm, vocab)
+    rates["c) + attention projections in place"] = timed(ours(False), args.runs)
+    rates["d) + prompt lookup (the engine)"] = timed(ours(True), args.runs)
+    rates["e) llama.cpp, same GGUF, 2 threads"] = llama_cpp_rate(prompt, new_tokens, args.runs)
+    print(f"part 1: base model, prompt {prompt_len} tokens, {new_tokens} new tokens, no stop")
+    for name, rate in rates.items():
+        print(f"  {name:42s} {'not installed' if rate is None else f'{rate:6.1f} tokens/s'}")
+
+
+def grounded(args) -> None:
+    entries = load_entries()
+    splits = make_splits(entries)
+    retriever = Retriever(entries)
+    generator = load_generator("embedded:gemma3-270m", DEFAULT_ADAPTER, entries, DecodingConfig())
+    tokenizer = generator.tokenizer
+    prompts = []
+    for example in splits.test[: args.questions]:
+        hits = retriever.search(example.question, k=SOURCES_IN_PROMPT)
+        message = grounded_message(example.question, [h.entry for h in hits])
+        prompts.append(chat_prompt(tokenizer, [], message))
+    results, compiled = {}, {}
+    for lookup in (False, True):
+        generator.lookup = lookup
+        for prompt in prompts:  # compile every length bucket first: rates without compiling
+            generator.generate(prompt)
+        compilations = count_compilations()
+        results[lookup] = [generator.generate(p) for p in prompts]
+        compiled[lookup] = len(compilations)
+    print(f"part 2: rag_lora ({DEFAULT_ADAPTER.name}), {len(prompts)} grounded test prompts")
+    for lookup, gens in results.items():
+        tokens = sum(g.new_tokens for g in gens)
+        seconds = sum(g.seconds for g in gens)
+        passes = sum(g.forward_passes for g in gens)
+        name = "prompt lookup" if lookup else "greedy, one token a step"
+        print(
+            f"  {name:26s} {tokens / seconds:6.1f} tokens/s (prefill included), "
+            f"{tokens / max(passes, 1):.2f} tokens per forward pass, {tokens} tokens"
+        )
+    pairs = zip(results[False], results[True], strict=True)
+    same = sum(a.token_ids == b.token_ids for a, b in pairs)
+    print(f"  identical answers: {same}/{len(prompts)}")
+    print(f"  programs compiled while answering them again: {compiled}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=20)
     args = parser.parse_args()
-    causal_lm = load_causal_lm()
-    tokenizer = causal_lm.preprocessor.tokenizer
-    prompt = chat_prompt(tokenizer, [], QUESTION)
-    prompt_len = len(np.asarray(tokenizer.tokenize(prompt))) + 1
-    # Every variant decodes exactly up to one length bucket, with no stop token: same count.
-    args.new_tokens = LENGTH_BUCKET - prompt_len
-    # Force a fixed number of new tokens: no stop token, so every variant decodes the same count.
-    causal_lm.compile(sampler="greedy")
-
-    def plain():
-        causal_lm.preprocessor.sequence_length = prompt_len + args.new_tokens
-        causal_lm.generate(prompt, stop_token_ids=None)
-        return args.new_tokens
-
-    rate_plain, _ = timed(plain, args.runs)
-    generator = Generator(causal_lm, DecodingConfig(max_new_tokens=args.new_tokens))
-    generator.stop_ids = None  # same fixed count as above
-
-    def ours():
-        return generator.generate(prompt).new_tokens
-
-    rate_bucketed, _ = timed(ours, args.runs)
-    entries = load_entries()
-    texts = [t for e in entries for t in (*e.questions, e.answer, e.source)]
-    vocab = vocabulary_for(tokenizer, texts)
-    restrict_vocabulary(causal_lm, vocab)
-    generator = Generator(causal_lm, DecodingConfig(max_new_tokens=args.new_tokens))
-    generator.stop_ids = None
-    rate_subset, _ = timed(ours, args.runs)
-    prepare_for_decoding(causal_lm, vocab)
-    generator = Generator(causal_lm, DecodingConfig(max_new_tokens=args.new_tokens))
-    generator.stop_ids = None
-    rate_prepared, _ = timed(ours, args.runs)
-    compilations = count_compilations()
-    generator.generate(chat_prompt(tokenizer, [], "¿Cuándo es la reinscripción?"))
-    recompiled = bool(compilations)
-
-    print(f"decode, embedded Gemma 3 270M, prompt {prompt_len} tokens, {args.new_tokens} new:")
-    print(f"  a) KerasHub generate, full vocab      {rate_plain:6.1f} tokens/s")
-    print(f"  b) Generator, length buckets          {rate_bucketed:6.1f} tokens/s")
-    print(f"  c) + KB vocabulary ({len(vocab):,} tokens)  {rate_subset:6.1f} tokens/s")
-    print(f"  d) + heads projections in place     {rate_prepared:6.1f} tokens/s")
-    print(f"  second request of another length recompiled: {recompiled}")
-    print(f"  stop token id: {stop_token_id(tokenizer)}")
+    fixed_count(args)
+    grounded(args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import pytest
 from gemma_cse.cli import run
 from gemma_cse.config import load_config
 from gemma_cse.data import KB_DIR, encode_example, load_entries, make_splits, pack
-from gemma_cse.models import load_causal_lm
+from gemma_cse.export import export_gguf
+from gemma_cse.models import load_causal_lm, resolve_preset
 from gemma_cse.tiny import FAMILIES
 from gemma_cse.train import (
     AnswerOnlyLM,
@@ -381,9 +382,13 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
     full_checkpoint = root / "full" / finished.name / "checkpoints"
     full_before = {p.name: p.read_bytes() for p in full_checkpoint.iterdir()}
 
+    # Two devices on a converted GGUF: the path of the embedded default, converted here once.
+    gguf = export_gguf(load_causal_lm(gemma3), root / "tiny.gguf")
+    resolve_preset(str(gguf))
+
     runs: dict[str, Run] = {}
     try:
-        yield start_and_stop_runs(runs, root, gemma3, kb) | {"full_before": full_before}
+        yield start_and_stop_runs(runs, root, gemma3, str(gguf), kb) | {"full_before": full_before}
     finally:  # nothing left running if a test or this fixture failed
         for background in runs.values():
             if background.proc.poll() is None:
@@ -391,7 +396,7 @@ def subprocess_runs(trained, tiny_presets, kb, tmp_path_factory):
                 background.proc.wait()
 
 
-def start_and_stop_runs(runs: dict[str, Run], root: Path, gemma3: str, kb: Path) -> dict:
+def start_and_stop_runs(runs: dict[str, Run], root: Path, gemma3: str, gguf: str, kb: Path) -> dict:
     """Start the runs into ``runs``, signal kill and interrupt, rerun the killed one."""
     long = [f"epochs={EPOCHS_TO_INTERRUPT}", "sample_questions=0"]
     two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -400,12 +405,12 @@ def start_and_stop_runs(runs: dict[str, Run], root: Path, gemma3: str, kb: Path)
         "kill": Run(settings(gemma3, kb, root / "kill", *long)),
         "interrupt": Run(settings(gemma3, kb, root / "interrupt", *long), nice=5),
         "none": Run(
-            settings(gemma3, kb, root / "parallel", "name=none", "distribution=none", *parallel),
+            settings(gguf, kb, root / "parallel", "name=none", "distribution=none", *parallel),
             env=two_devices,
             nice=10,
         ),
         "data": Run(
-            settings(gemma3, kb, root / "parallel", "name=data", "distribution=data", *parallel),
+            settings(gguf, kb, root / "parallel", "name=data", "distribution=data", *parallel),
             env=two_devices,
             nice=10,
         ),

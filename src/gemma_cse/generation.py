@@ -325,7 +325,8 @@ class Generator:
         length = self.prompt_length(prompt)
         bucket = -(-(length + limit) // LENGTH_BUCKET) * LENGTH_BUCKET
         inputs = self.causal_lm.preprocessor.generate_preprocess([prompt], sequence_length=bucket)
-        output = self.causal_lm.make_generate_function()(inputs, stop_token_ids=self.stop_ids)
+        generate = self.causal_lm.make_generate_function()
+        output = generate(inputs, stop_token_ids=self.stop_ids or None)
         ids = np.asarray(output["token_ids"])[0, length:]
         new = ids[np.asarray(output["padding_mask"])[0, length:].astype(bool)].tolist()
         return self._finish(new, limit, time.perf_counter() - start, len(new))
