@@ -82,11 +82,15 @@ class SubsetOutput(keras.layers.Layer):
         self.token_ids = np.asarray(token_ids, "int32")
         self.vocabulary_size = vocabulary_size
 
+    def subset_scores(self, inputs):
+        """Logits (before soft-capping) of the subset's tokens only, in ``token_ids`` order."""
+        rows = ops.take(self.embedding.embeddings, self.token_ids, axis=0)
+        return ops.einsum("...h,vh->...v", inputs, ops.cast(rows, inputs.dtype))
+
     def call(self, inputs, reverse=False):
         if not reverse:
             return self.embedding(inputs)
-        rows = ops.take(self.embedding.embeddings, self.token_ids, axis=0)
-        logits = ops.einsum("...h,vh->...v", inputs, ops.cast(rows, inputs.dtype))
+        logits = self.subset_scores(inputs)
         cap = getattr(self.embedding, "logit_soft_cap", None)
         if cap is not None:
             logits = ops.tanh(logits / cap) * cap
@@ -176,9 +180,7 @@ def greedy_tokens(causal_lm, hidden):
     """
     output = causal_lm.backbone.token_embedding
     if isinstance(output, SubsetOutput):
-        rows = ops.take(output.embedding.embeddings, output.token_ids, axis=0)
-        best = ops.argmax(ops.einsum("...h,vh->...v", hidden, ops.cast(rows, hidden.dtype)), -1)
-        return ops.take(output.token_ids, best)
+        return ops.take(output.token_ids, ops.argmax(output.subset_scores(hidden), -1))
     scores = ops.einsum("...h,vh->...v", hidden, ops.cast(output.embeddings, hidden.dtype))
     return ops.cast(ops.argmax(scores, -1), "int32")
 
