@@ -205,11 +205,16 @@ def load_preset(preset: str | Path, dtype: str | None = None):
     """``CausalLM.from_preset`` for a local KerasHub preset, minus the random initialization.
 
     Same task, preprocessor and weights as ``from_preset`` gives; used for the presets
-    converted from GGUF files, where initialization was most of the load time.
+    converted from GGUF files, where initialization was most of the load time. Under a
+    ``keras.distribution`` it is ``from_preset`` itself: deferred variables would miss the
+    distribution's layouts.
     """
+    import keras
     import keras_hub
 
     preset = str(preset)
+    if keras.distribution.distribution() is not None:
+        return keras_hub.models.CausalLM.from_preset(preset, dtype=dtype)
     backbone = build_then_assign(
         lambda: keras_hub.models.Backbone.from_preset(preset, dtype=dtype, load_weights=False),
         lambda backbone: backbone.load_weights(Path(preset) / "model.weights.h5"),

@@ -168,14 +168,10 @@ def resolve_preset(spec: str) -> str:
 def load_causal_lm(spec: str = EMBEDDED, dtype: str | None = None):
     """Load ``spec`` as a KerasHub ``CausalLM`` with its preprocessor attached."""
     preset = resolve_preset(spec)
-    import keras
     import keras_hub
 
     try:
-        converted = spec == EMBEDDED or spec.endswith(".gguf")
-        # Presets we converted load faster without random initialization, but those variables
-        # miss a distribution's layouts: under one, KerasHub's own loading places them.
-        if converted and keras.distribution.distribution() is None:
+        if spec == EMBEDDED or spec.endswith(".gguf"):  # presets we converted: a faster path
             from gemma_cse.gguf_convert import load_preset
 
             return load_preset(preset, dtype=dtype)
