@@ -2,8 +2,10 @@
 
 Prints seconds per step and tokens/s at batch 4 × 128 for (a) the standard CausalLM step
 (logits for every position over the 262k vocabulary), (b) logits only at the answer
-positions, (c) answer positions over the vocabulary the data uses, then an epoch estimate
-with length bucketing. Usage: python benchmarks/bench_train_step.py [--steps 3]
+positions, (c) answer positions over the vocabulary the data uses, (d) = (c) with
+``mixed_bfloat16`` as Keras computes it, (e) = (d) with ``precision.bf16_products`` (what
+``train`` runs on a CPU with native bf16); then an epoch estimate with length bucketing.
+Usage: python benchmarks/bench_train_step.py [--steps 3]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 
 from gemma_cse.config import Config
 from gemma_cse.data import load_entries, make_splits, pack
+from gemma_cse.precision import bf16_products
 from gemma_cse.train import (
     AnswerOnlyLM,
     answer_token_loss,
@@ -70,6 +73,21 @@ def main() -> None:
         bx, by, bw = batch
         bx = {**bx, "token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}  # same 4×128
         results[label] = timed_steps(model, bx, by, bw, args.steps)
+
+    # the same step in mixed precision: a second model, loaded with the mixed policy
+    vocab_ids, index = vocabulary([encoded], tokenizer)
+    batch = make_batches(rows, BATCH, index, seed=0, shuffle=False)[0]
+    bx, by, bw = batch
+    bx = {**bx, "token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}
+    mixed = build_model(Config(precision="mixed_bfloat16", sequence_length=SEQ))
+    for label, fast in (
+        ("d) (c) in mixed_bfloat16, Keras", False),
+        ("e) (d) with bf16_products", True),
+    ):
+        with bf16_products(enabled=fast):
+            model = AnswerOnlyLM(mixed.backbone, vocab_ids)
+            compile_model(model)
+            results[label] = timed_steps(model, bx, by, bw, args.steps)
 
     base = results["a) full logits, 262k vocab"]
     print(

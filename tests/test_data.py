@@ -345,6 +345,56 @@ def test_jsonl(tmp_path, topic):
     assert entry.questions == ("¿Dónde pago?", "donde pago", "¿y dónde se paga?")
 
 
+def test_paraphrases_are_indexed_questions_outside_the_splits(tmp_path, topic):
+    row = {
+        "id": "a",
+        "topic": topic,
+        "question": "¿Dónde pago?",
+        "answer": "En la Caja.",
+        "variants": ["donde pago", "¿y dónde se paga?", "¿en qué lugar pago?"],
+        "paraphrases": ["oye y la caja donde queda", " "],
+    }
+    path = write(tmp_path / "kb.jsonl", jsonl(row))
+    [entry] = load_entries(path)
+    assert entry.paraphrases == ("oye y la caja donde queda",)
+    assert entry.indexed_questions == (*entry.questions, "oye y la caja donde queda")
+    splits = make_splits([entry])
+    used = {ex.question for ex in splits.train + splits.validation + splits.test}
+    assert used == set(entry.questions)
+
+
+def test_bad_paraphrases(tmp_path, topic):
+    base = {"topic": topic, "answer": "En la Caja.", "variants": ["donde pago"]}
+    path = write(
+        tmp_path / "kb.jsonl",
+        jsonl(
+            base | {"id": "a", "question": "¿Dónde pago?", "paraphrases": ["¡Donde PAGO!"]},
+            base | {"id": "b", "question": "¿Cuándo?", "paraphrases": "no es una lista"},
+            {
+                "id": "c",
+                "topic": topic,
+                "question": "¿Qué?",
+                "answer": "Otra.",
+                "paraphrases": ["oye donde pago"],
+            },
+            base | {"id": "d", "question": "¿Y?", "paraphrases": ["oye donde pago"]},
+        ),
+    )
+    assert problems(path) == [
+        (str(path), 1, "paraphrase repeats one of the entry's questions: '¡Donde PAGO!'"),
+        (str(path), 2, "paraphrases must be a list of strings"),
+        (str(path), 4, "question 'oye donde pago' has a different answer at kb.jsonl:3"),
+    ]
+
+
+def test_every_entry_has_paraphrases_unlike_its_questions(entries):
+    splits = make_splits(entries)
+    held = {normalize(ex.question) for ex in splits.test + splits.validation}
+    for entry in entries:
+        assert len(entry.paraphrases) >= 10, entry.id
+        assert held.isdisjoint(normalize(p) for p in entry.paraphrases), entry.id
+
+
 def defective_folder(folder: Path, topic: str) -> list[tuple[str, int, str]]:
     """A folder with good rows and defective rows in two files; → the expected problems."""
     folder.mkdir()

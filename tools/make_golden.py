@@ -11,6 +11,12 @@ GGUF and records
 * the top-5 next tokens, with their logits, after each of a set of Spanish prompts (BOS + text);
 * the perplexity of ``tests/golden/parrafo_es.txt``.
 
+With ``--dequantize`` it runs llama.cpp on a float32 copy of the GGUF instead (every tensor
+dequantized by gguf's own code, the KV cache in float32) and writes
+``gemma3_270m_llamacpp_f32.json``: on quantized weights llama.cpp also quantizes the
+activations to 8 bits before each product, which moves logits by up to ~0.7; on float32 weights
+it computes in float32 as KerasHub does, so the two should agree to rounding.
+
 The tests then need neither llama.cpp nor this script: only the JSON it writes. Rerun it (and
 commit the JSON) when the strings, prompts, paragraph or embedded model change. Needs the
 ``golden`` extra: ``pip install -e .[golden]`` (llama-cpp-python builds from source, ~7 min).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "tests" / "golden" / "gemma3_270m_llamacpp.json"
+DEQUANTIZED_OUT = ROOT / "tests" / "golden" / "gemma3_270m_llamacpp_f32.json"
 PARAGRAPH = ROOT / "tests" / "golden" / "parrafo_es.txt"
 
 # Tokenized without BOS, special tokens parsed. Each line aims at a different tokenizer path.
@@ -110,9 +118,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "embedded Gemma 3 270M GGUF, as golden data for tests/test_gguf_convert.py.",
     )
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: the embedded model)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON to write")
+    parser.add_argument("--out", type=Path, help=f"JSON to write (default: {DEFAULT_OUT.name})")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help=f"run llama.cpp on a float32 copy of the GGUF (default out: {DEQUANTIZED_OUT.name})",
+    )
+    args = parser.parse_args(argv)
+    args.out = args.out or (DEQUANTIZED_OUT if args.dequantize else DEFAULT_OUT)
+    return args
+
+
+def dequantized_copy(source: Path, target: Path) -> Path:
+    """``source`` with every tensor dequantized to float32 (same metadata, same names)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(target, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -142,12 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         from gemma_cse.models import embedded_gguf
 
         args.gguf = embedded_gguf()
+    model_path, options = args.gguf, {}
+    if args.dequantize:
+        scratch = tempfile.TemporaryDirectory()
+        model_path = dequantized_copy(args.gguf, Path(scratch.name) / "model-f32.gguf")
+        f32 = int(llama_cpp.GGML_TYPE_F32)
+        options = {"type_k": f32, "type_v": f32}
     llm = llama_cpp.Llama(
-        model_path=str(args.gguf),
+        model_path=str(model_path),
         logits_all=True,
         n_ctx=512,
         n_threads=args.threads,
         verbose=False,
+        **options,
     )
     bos = llm.token_bos()
 
@@ -189,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "about": "llama.cpp reference for the embedded GGUF; written by tools/make_golden.py",
         "llama_cpp_python": llama_cpp.__version__,
         "gguf": args.gguf.name,
+        "weights": "dequantized to float32, KV cache float32" if args.dequantize else "as stored",
         "gguf_bytes": args.gguf.stat().st_size,
         "bos_id": bos,
         "strings": strings,

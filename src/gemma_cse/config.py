@@ -45,9 +45,8 @@ class Config:
     early_stopping_patience: int = 2
     max_steps_per_epoch: int = 0  # 0: the whole training split each epoch
     # speed
-    precision: str = (
-        "auto"  # auto (mixed_bfloat16 on GPU, float32 on CPU) | float32 | mixed_bfloat16 | bfloat16
-    )
+    # auto: mixed_bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | bfloat16
     vocab_subset: bool = True  # output layer over the tokens the data uses only
     distribution: str = "auto"  # auto | none | data | model
     # monitoring

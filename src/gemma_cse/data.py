@@ -44,10 +44,18 @@ class Entry:
     category: str = ""
     source: str = ""
     variants: tuple[str, ...] = ()
+    # more ways to ask, for the retrieval index only: never split into validation/test (so the
+    # held-out questions stay the same) and not used to fine-tune (so epochs stay short)
+    paraphrases: tuple[str, ...] = ()
 
     @property
     def questions(self) -> tuple[str, ...]:
         return (self.question, *self.variants)
+
+    @property
+    def indexed_questions(self) -> tuple[str, ...]:
+        """Every question the retrieval index holds for this entry."""
+        return (*self.questions, *self.paraphrases)
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,9 @@ def _csv_rows(path: Path, lines: list[str], problems: list[Problem]) -> Iterator
             )
             continue
         row = dict(zip(columns, cells, strict=True))
-        if row.get("variants"):
-            row["variants"] = [v.strip() for v in row["variants"].split(VARIANT_SEPARATOR.strip())]
+        for name in ("variants", "paraphrases"):
+            if row.get(name):
+                row[name] = [v.strip() for v in row[name].split(VARIANT_SEPARATOR.strip())]
         yield line, row
 
 
@@ -186,11 +195,12 @@ def _entry_from_row(
             reasons.append(f"missing column: {name}")
         elif not value:
             reasons.append(f"empty cell: {name}")
-    variants = row.get("variants") or []
-    if not isinstance(variants, list) or not all(isinstance(v, str) for v in variants):
-        reasons.append("variants must be a list of strings")
-        variants = []
-    variants = tuple(v.strip() for v in variants if v.strip())
+    variants = _question_list(row, "variants", reasons)
+    paraphrases = _question_list(row, "paraphrases", reasons)
+    asked = {normalize(q) for q in (question, *variants)}
+    for text in paraphrases:
+        if normalize(text) in asked:
+            reasons.append(f"paraphrase repeats one of the entry's questions: {text!r}")
     topic = str(row.get("topic") or "").strip()
     category = str(row.get("category") or "").strip()
     if "topic" in row and not topic:
@@ -203,16 +213,24 @@ def _entry_from_row(
         reasons.append("empty cell: id")
     if len(answer) > MAX_ANSWER_CHARS:
         reasons.append(f"answer too long ({len(answer)} > {MAX_ANSWER_CHARS} characters)")
-    for text in (question, *variants):
+    for text in (question, *variants, *paraphrases):
         if len(text) > MAX_QUESTION_CHARS:
             reasons.append(f"question too long ({len(text)} > {MAX_QUESTION_CHARS} characters)")
     if reasons:
         return None, reasons
     entry_id = str(row.get("id") or f"{Path(where.file).stem}:{where.line}").strip()
-    entry = Entry(
-        entry_id, question, answer, topic, category, str(row.get("source") or ""), variants
-    )
+    source = str(row.get("source") or "")
+    entry = Entry(entry_id, question, answer, topic, category, source, variants, paraphrases)
     return entry, []
+
+
+def _question_list(row: dict, name: str, reasons: list[str]) -> tuple[str, ...]:
+    """The stripped, non-empty strings of list column ``name`` (a reason added if malformed)."""
+    values = row.get(name) or []
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        reasons.append(f"{name} must be a list of strings")
+        return ()
+    return tuple(v.strip() for v in values if v.strip())
 
 
 def _merge_bare_rows(entries: list[tuple[Problem, Entry]]) -> list[tuple[Problem, Entry]]:
@@ -261,7 +279,7 @@ def load_entries(
             )
             bad.add((where.file, where.line))
         seen_ids.setdefault(entry.id, where)
-        for question in entry.questions:
+        for question in entry.indexed_questions:
             key = normalize(question)
             if key in seen_questions and seen_questions[key][1].id != entry.id:
                 first_where, first = seen_questions[key]
@@ -435,6 +453,7 @@ def pack(encoded: Iterable[tuple[list[int], list[int]]], sequence_length: int, p
 
 def _stats(entries: list[Entry], model: str | None) -> str:
     out = [f"entries: {len(entries)}", f"questions: {sum(len(e.questions) for e in entries)}"]
+    out.append(f"paraphrases (retrieval only): {sum(len(e.paraphrases) for e in entries)}")
     out.append(f"topics: {len({e.topic for e in entries if e.topic})}")
     by_category = Counter(e.category or "(none)" for e in entries)
     out += ["per category (entries):"] + [f"  {c}: {n}" for c, n in sorted(by_category.items())]
@@ -473,7 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "validate":
         questions = sum(len(e.questions) for e in entries)
-        print(f"ok: {len(entries)} entries, {questions} questions in {args.path}")
+        paraphrases = sum(len(e.paraphrases) for e in entries)
+        print(
+            f"ok: {len(entries)} entries, {questions} questions, {paraphrases} paraphrases "
+            f"in {args.path}"
+        )
     else:
         print(_stats(entries, args.model))
     return 0

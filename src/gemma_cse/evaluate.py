@@ -1048,6 +1048,8 @@ def write_kb(entries: Sequence[Entry], path: Path) -> Path:
         for e in entries:
             row = {k: getattr(e, k) for k in fields if getattr(e, k)}
             row["variants"] = list(e.variants)
+            if e.paraphrases:
+                row["paraphrases"] = list(e.paraphrases)
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 

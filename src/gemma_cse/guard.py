@@ -63,11 +63,14 @@ from gemma_cse.data import (
 
 LABELS = ("answer", "out_of_scope", "refuse", "chitchat", "self_harm")
 THRESHOLDS_FILE = "guard.json"
-MAX_FALSE_REFUSALS = 0.03
+MAX_FALSE_REFUSALS = 0.03  # the goal on in-scope questions
+# what calibration aims at: half the goal. 3 % of 120 calibration questions is 3–4 questions,
+# and the test half's rate came out 2–3 points above the calibration half's (measured)
+CALIBRATION_FALSE_REFUSALS = MAX_FALSE_REFUSALS / 2
 # used only until a calibration is run or loaded: the values calibrated with the default
 # retriever (USE embedder) on the sample knowledge base
-DEFAULT_THRESHOLD = 0.13
-DEFAULT_CUE_THRESHOLD = 0.48
+DEFAULT_THRESHOLD = 0.23
+DEFAULT_CUE_THRESHOLD = 0.66
 EXPECTED_LABEL = {  # out_of_scope.jsonl's "expected" status → the guard's label
     "out_of_scope": "out_of_scope",
     "refused": "refuse",
@@ -1302,7 +1305,7 @@ def calibrate(
     retriever,
     in_scope_questions: Sequence[str],
     out_of_scope_items: Sequence,
-    max_false_refusals: float = MAX_FALSE_REFUSALS,
+    max_false_refusals: float = CALIBRATION_FALSE_REFUSALS,
 ) -> Thresholds:
     """The retrieval-score thresholds that maximise out-of-scope F1 with false refusals at most
     ``max_false_refusals`` on ``in_scope_questions``.

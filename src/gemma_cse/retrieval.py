@@ -13,40 +13,45 @@ and absolute (not rank-based), so the fused score can be thresholded by a guard:
   cosine between texts of different entries) maps to 0.
 
 Each score is max-pooled over an entry's texts of one field, and the fields are summed with
-weights ``fields`` (question 0.2, answer 0.6, topic 0.2). A fourth score per entry,
+weights ``fields`` (question 0.7, answer 0.3, topic 0). The question field holds every
+question of the entry plus its retrieval-only ``paraphrases``. A fourth score per entry,
 ``classifier``: the square root of the probability that a scikit-learn logistic regression
 over entries gives the query, trained on the indexed texts (questions count 1, answer
 sentences and descriptions 0.5) with word (stems and stem pairs) TF-IDF, char TF-IDF and
-embedding features. The four are fused as a weighted sum (0.4/0.24/0.16/0.2 with USE).
+embedding features. The four are fused as a weighted sum (0.3/0.18/0.12/0.4 with USE).
 
 Choices, measured with ``benchmarks/bench_retrieval.py``: the index holds the train questions
-only; 132 unseen test variants; weights chosen on 587 validation variants of 5 seeded splits
-("val MRR"); AUROC of the top score, test questions vs ``out_of_scope.jsonl``; CPU ms per new
-query (embedding included) on the busy 2-core CPU, p95:
+(and the paraphrases) only; 132 unseen test variants; weights chosen on 587 validation
+variants of 5 seeded splits ("val MRR"); AUROC of the top score, test questions vs
+``out_of_scope.jsonl``; CPU ms per new query (embedding included), p95:
 
-    configuration                       val MRR  test hit@1  hit@3   MRR  AUROC  CPU p95 ms
-    before: BM25+char, questions         0.657     0.500    0.712  0.635  0.85      1.5
-    before: BM25+char+USE, questions     0.707     0.538    0.788  0.687  0.90      5.0
-    BM25+char+USE, all fields            0.792     0.682    0.871  0.792  0.90      8.4
-    classifier (with USE) alone          0.827     0.758    0.909  0.833  0.86      7.8
-    BM25+char+classifier (lexical)       0.807     0.682    0.879  0.783  0.87      4.0
-    BM25+char+USE+classifier (*)         0.844     0.735    0.917  0.825  0.90      7.4
-    BM25+char+e5+classifier              0.859     0.750    0.917  0.841  0.91     50.7
+    configuration                              val MRR  test hit@1  hit@3   MRR  AUROC  CPU ms
+    5 questions an entry, no paraphrases:
+      BM25+char, questions                      0.657     0.500    0.712  0.635  0.85     1.5
+      BM25+char+USE, all fields                 0.792     0.682    0.871  0.792  0.90     8.4
+      BM25+char+USE+classifier, old weights     0.844     0.735    0.917  0.825  0.90     7.4
+    + 10 paraphrases an entry:
+      BM25+char+USE+classifier, old weights     0.952     0.871    0.977  0.927  0.93     9.2
+      classifier (with USE) alone               0.954     0.902    0.985  0.944  0.92    10.7
+      BM25+char+classifier (lexical)            0.946     0.879    0.977  0.929  0.92     4.7
+      BM25+char+USE+classifier (*)              0.957     0.902    0.985  0.942  0.94     9.4
+      BM25+char+e5+classifier, old weights      0.940     0.909    0.970  0.943  0.94    51.3
 
-- Answers and topic descriptions carry the words that an entry's few questions lack: with
-  them, BM25+char+USE goes from validation hit@1 0.533 to 0.673 (hit@3 0.802 → 0.901).
-- The classifier learns which words tell sibling entries apart (the cost vs. the steps of one
-  procedure). Alone it ranks well (validation hit@1 0.722) but thresholds worse (AUROC of
-  validation vs out-of-scope 0.850); fused at 0.2 it gives hit@1 0.748, hit@3 0.935 at AUROC
-  0.885 (0.894 before). A weight of 0.4 gains 0.005 validation MRR and loses 0.011 AUROC: 0.2
-  was kept for the guard.
+- Paraphrases are what moved retrieval most: the classifier and the question field learn the
+  everyday words and situations students use that five questions an entry lacked.
+- With them, the question field carries most of the weight (0.7; answers 0.3 add the words
+  no question has; topic descriptions add nothing) and the classifier 0.4, chosen on the
+  validation grid (MRR 0.944, AUROC 0.933 vs 0.933 and 0.923 for the old weights).
+- Before paraphrases, answers and topic descriptions carried the words an entry's few
+  questions lacked (validation hit@1 0.533 → 0.673), and the classifier was kept at 0.2
+  because more weight cost AUROC.
 - Rejected on validation: weighting the last "¿...?" of a long message 20–50 % (MRR 0.843 →
   0.835–0.797: that part is often generic, "¿dónde se pide?"); RRF (seed-13 validation MRR
   0.802 vs 0.846, AUROC 0.80).
-- USE is the default (*): e5 scores 0.015 validation MRR more for 7 times the CPU per query,
-  over the 20 ms budget for retrieval + guard, so ``embedder="e5"`` is for offline work.
-- Building the index trains the classifier: ~9 s of CPU for the full KB; ``save``/``load``
-  keep it (float32 coefficients, ~18 MB).
+- USE is the default (*): e5 costs 5 times the CPU per query, over the 20 ms budget for
+  retrieval + guard, for no gain in validation MRR, so ``embedder="e5"`` is for offline work.
+- Building the index trains the classifier: ~15 s of CPU for the full KB; ``save``/``load``
+  keep it (float32 coefficients).
 """
 
 from __future__ import annotations
@@ -80,12 +85,12 @@ K1, B = 1.2, 0.75
 CHAR_NGRAMS = (3, 5)
 FIELDS = ("question", "answer", "topic")  # the texts indexed for each entry
 # chosen on the validation splits (see the module docstring)
-DEFAULT_FIELDS = (0.2, 0.6, 0.2)
+DEFAULT_FIELDS = (0.7, 0.3, 0.0)
 # (bm25, char, semantic, classifier)
 DEFAULT_WEIGHTS: dict[str | None, tuple[float, float, float, float]] = {
-    "use": (0.4, 0.24, 0.16, 0.2),
-    "e5": (0.32, 0.16, 0.32, 0.2),
-    None: (0.48, 0.32, 0.0, 0.2),
+    "use": (0.3, 0.18, 0.12, 0.4),
+    "e5": (0.24, 0.12, 0.24, 0.4),
+    None: (0.36, 0.24, 0.0, 0.4),
 }
 CLASSIFIER_C = 10.0  # inverse L2 strength of the logistic regression
 CLASSIFIER_ITERATIONS = 1000
@@ -344,7 +349,7 @@ class Retriever:
         # entry by entry within a field; ``questions`` are the first ``len(questions)`` texts
         documents: list[tuple[str, int, int]] = []  # (text, field, entry index)
         for index, entry in enumerate(self.entries):
-            unique = list(dict.fromkeys(q.strip() for q in entry.questions if q.strip()))
+            unique = list(dict.fromkeys(q.strip() for q in entry.indexed_questions if q.strip()))
             if not unique:
                 raise UserError(f"entry {entry.id!r} has no question to index")
             documents += [(q, 0, index) for q in unique]
@@ -647,7 +652,10 @@ class Retriever:
         name = embedder.name if embedder else None
         if name != meta["embedder"]:
             raise UserError(f"{directory}: index built with {meta['embedder']!r}, not {name!r}")
-        entries = [Entry(**{**e, "variants": tuple(e["variants"])}) for e in meta["entries"]]
+        entries = [
+            Entry(**e | {name: tuple(e.get(name, ())) for name in ("variants", "paraphrases")})
+            for e in meta["entries"]
+        ]
         retriever = object.__new__(cls)
         retriever.spelling = meta["spelling"]
         retriever._fold = spelling_fold if retriever.spelling else fold

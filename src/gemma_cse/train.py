@@ -31,6 +31,7 @@ from keras import ops
 from gemma_cse.cli import UserError, run
 from gemma_cse.config import Config, load_config, save_config
 from gemma_cse.data import Entry, encode_example, load_entries, make_splits
+from gemma_cse.precision import bf16_products, cpu_has_bf16
 
 LORA_TARGETS = {
     "query_value": ["query_dense", "value_dense", "query", "value"],
@@ -52,11 +53,15 @@ BUCKET = 32  # sequence and answer lengths are padded to multiples of this (few 
 
 
 def resolve_precision(config: Config) -> str:
+    """``auto``: mixed_bfloat16 on a GPU and on a CPU that multiplies bfloat16 natively (with
+    ``bf16_products``, 1.8× float32's speed there), float32 on other CPUs."""
     if config.precision != "auto":
         return config.precision
     import jax
 
-    return "mixed_bfloat16" if jax.default_backend() == "gpu" else "float32"
+    backend = jax.default_backend()
+    fast = backend == "gpu" or (backend == "cpu" and cpu_has_bf16())
+    return "mixed_bfloat16" if fast else "float32"
 
 
 def setup_distribution(config: Config) -> None:
@@ -542,8 +547,11 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
         f"trainable {sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} weights"
     )
     started = time.perf_counter()
+    import jax
+
+    cpu_bf16 = jax.default_backend() == "cpu" and "bfloat16" in resolve_precision(config)
     try:
-        with stop.handling_sigint():
+        with stop.handling_sigint(), bf16_products(enabled=cpu_bf16):
             history = model.fit(
                 batch_dataset(train_batches),
                 validation_data=batch_dataset(val_batches),
