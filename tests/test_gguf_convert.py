@@ -115,6 +115,28 @@ def test_perplexity_matches_llama_cpp(model):
     assert abs(perplexity / reference - 1) <= 0.05, f"ours {perplexity:.3f}, llama.cpp {reference}"
 
 
+@pytest.mark.embedded
+def test_next_token_matches_llama_cpp_on_float32_weights(model):
+    """The same prompts, with llama.cpp run on the GGUF's weights dequantized to float32
+    (``tools/make_golden.py --dequantize``): without its 8-bit activations, llama.cpp computes
+    what KerasHub computes, so the top-1 must agree on every prompt and the logits to rounding
+    (measured: 28/28, largest top-5 logit difference 0.024)."""
+    golden = json.loads((GOLDEN_PATH.parent / "gemma3_270m_llamacpp_f32.json").read_text())
+    assert golden["gguf_bytes"] == GOLDEN["gguf_bytes"] and golden["weights"].startswith("deq")
+    prompts = golden["prompts"]
+    logits = logits_of(model, [p["ids"] for p in prompts])
+    ours = [logits[row, len(p["ids"]) - 1] for row, p in enumerate(prompts)]
+    differ = [
+        p["text"] for p, o in zip(prompts, ours, strict=True) if o.argmax() != p["top5_ids"][0]
+    ]
+    assert not differ, f"top-1 differs from float32 llama.cpp on {len(differ)}: {differ}"
+    gap = max(
+        np.abs(o[p["top5_ids"]] - np.array(p["top5_logits"])).max()
+        for p, o in zip(prompts, ours, strict=True)
+    )
+    assert gap < 0.1, f"top-5 logits differ from float32 llama.cpp by up to {gap:.3f}"
+
+
 # --- Tiny GGUF files made with gguf's own writer ----------------------------------------
 
 PAD, EOS, BOS, UNK, MASK, SOT, EOT = range(7)
