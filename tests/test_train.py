@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 
 from gemma_cse.cli import run
-from gemma_cse.config import load_config
+from gemma_cse.config import Config, load_config
 from gemma_cse.data import KB_DIR, encode_example, load_entries, make_splits, pack
 from gemma_cse.export import export_gguf
 from gemma_cse.models import load_causal_lm, resolve_preset
+from gemma_cse.precision import cpu_has_bf16
 from gemma_cse.tiny import FAMILIES
 from gemma_cse.train import (
     AnswerOnlyLM,
@@ -36,12 +37,24 @@ from gemma_cse.train import (
     encode_entries,
     main,
     make_batches,
+    resolve_precision,
     vocabulary,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny_test.yaml"
 EPOCHS_TO_INTERRUPT = 20  # long enough that a run cannot finish before it is killed at epoch 1
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_fast():
+    auto = Config(precision="auto")
+    # training: bf16 products pay off on a CPU with native bf16 (these tests run on CPU)
+    assert resolve_precision(auto) == ("mixed_bfloat16" if cpu_has_bf16() else "float32")
+    # decoding multiplies one token at a time, where bf16 is slower than float32 on a CPU
+    assert resolve_precision(auto, training=False) == "float32"
+    assert resolve_precision(Config(precision="mixed_bfloat16"), training=False) == (
+        "mixed_bfloat16"
+    )
 
 
 # --- helpers ----------------------------------------------------------------------------------

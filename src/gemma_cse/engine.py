@@ -150,7 +150,7 @@ def load_generator(model: str, adapter: Path | None, entries: Sequence[Entry], d
         from gemma_cse.config import load_config
         from gemma_cse.train import build_model
 
-        causal_lm = build_model(load_config(adapter / "config.yaml"))
+        causal_lm = build_model(load_config(adapter / "config.yaml"), training=False)
         causal_lm.backbone.load_lora_weights(str(adapter / "adapter.lora.h5"))
     else:
         from gemma_cse.models import load_causal_lm

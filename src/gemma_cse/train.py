@@ -52,15 +52,17 @@ BUCKET = 32  # sequence and answer lengths are padded to multiples of this (few 
 # ---------------------------------------------------------------- model
 
 
-def resolve_precision(config: Config) -> str:
-    """``auto``: mixed_bfloat16 on a GPU and on a CPU that multiplies bfloat16 natively (with
-    ``bf16_products``, 1.8× float32's speed there), float32 on other CPUs."""
+def resolve_precision(config: Config, training: bool = True) -> str:
+    """``auto``: mixed_bfloat16 on a GPU, and for training on a CPU that multiplies bfloat16
+    natively (with ``bf16_products``, 1.8× float32's speed there); float32 otherwise: decoding
+    on a CPU multiplies one token at a time, where bf16 is ~10× slower than float32
+    (``benchmarks/bench_matmul_dtypes.py``)."""
     if config.precision != "auto":
         return config.precision
     import jax
 
     backend = jax.default_backend()
-    fast = backend == "gpu" or (backend == "cpu" and cpu_has_bf16())
+    fast = backend == "gpu" or (training and backend == "cpu" and cpu_has_bf16())
     return "mixed_bfloat16" if fast else "float32"
 
 
@@ -85,11 +87,12 @@ def setup_distribution(config: Config) -> None:
     keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout))
 
 
-def build_model(config: Config):
-    """The base CausalLM, optionally quantized, with LoRA on the chosen layers."""
+def build_model(config: Config, training: bool = True):
+    """The base CausalLM, optionally quantized, with LoRA on the chosen layers (in the precision
+    for ``training``, or for decoding)."""
     from gemma_cse.models import load_causal_lm
 
-    causal_lm = load_causal_lm(config.model, dtype=resolve_precision(config))
+    causal_lm = load_causal_lm(config.model, dtype=resolve_precision(config, training))
     backbone = causal_lm.backbone
     if config.quantize != "none":
         backbone.quantize(config.quantize)
