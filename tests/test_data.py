@@ -333,6 +333,7 @@ def test_jsonl(tmp_path, topic):
         "answer": "En la Caja.",
         "source": "Caja General",
         "variants": ["donde pago", " ", "¿y dónde se paga?"],
+        "paraphrases": ["oye y la caja donde queda", " "],
     }
     path = write(tmp_path / "kb.jsonl", jsonl(row) + "\n" + '{"id": "b",\n' + "[1, 2]\n")
     assert problems(path) == [
@@ -343,21 +344,15 @@ def test_jsonl(tmp_path, topic):
     [entry] = load_entries(path)
     assert entry.source == "Caja General" and entry.category == known_topics()[topic]
     assert entry.questions == ("¿Dónde pago?", "donde pago", "¿y dónde se paga?")
-
-
-def test_paraphrases_are_indexed_questions_outside_the_splits(tmp_path, topic):
-    row = {
-        "id": "a",
-        "topic": topic,
-        "question": "¿Dónde pago?",
-        "answer": "En la Caja.",
-        "variants": ["donde pago", "¿y dónde se paga?", "¿en qué lugar pago?"],
-        "paraphrases": ["oye y la caja donde queda", " "],
-    }
-    path = write(tmp_path / "kb.jsonl", jsonl(row))
-    [entry] = load_entries(path)
     assert entry.paraphrases == ("oye y la caja donde queda",)
     assert entry.indexed_questions == (*entry.questions, "oye y la caja donde queda")
+
+
+def test_paraphrases_stay_out_of_the_splits():
+    from gemma_cse.data import Entry
+
+    variants = ("donde pago", "¿y dónde se paga?", "¿en qué lugar pago?")
+    entry = Entry("a", "¿Dónde pago?", "En la Caja.", variants=variants, paraphrases=("oye",))
     splits = make_splits([entry])
     used = {ex.question for ex in splits.train + splits.validation + splits.test}
     assert used == set(entry.questions)
