@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import keras
 import numpy as np
 from keras import ops
@@ -59,8 +60,6 @@ def resolve_precision(config: Config, training: bool = True) -> str:
     (``benchmarks/bench_matmul_dtypes.py``)."""
     if config.precision != "auto":
         return config.precision
-    import jax
-
     backend = jax.default_backend()
     fast = backend == "gpu" or (training and backend == "cpu" and cpu_has_bf16())
     return "mixed_bfloat16" if fast else "float32"
@@ -550,8 +549,6 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
         f"trainable {sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} weights"
     )
     started = time.perf_counter()
-    import jax
-
     cpu_bf16 = jax.default_backend() == "cpu" and "bfloat16" in resolve_precision(config)
     try:
         with stop.handling_sigint(), bf16_products(enabled=cpu_bf16):
