@@ -96,3 +96,25 @@ def test_other_products_and_the_originals_are_left_alone():
     assert (keras_jax_numpy.einsum, keras_jax_numpy.matmul) == (einsum, matmul)
     with bf16_products(enabled=False):
         assert keras_jax_numpy.einsum is einsum
+
+
+def test_bf16_activation_times_weight_only_int8_kernel_is_a_fast_product():
+    """QLoRA's frozen base (``train.quantize_base``): int8 kernel, bf16 activations. The
+    product is bf16 × bf16 with a float32 result, and equals the dequantized kernel's."""
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(48, use_bias=False, dtype="mixed_bfloat16")
+    dense.build((None, 5, 32))
+    float_kernel = np.asarray(dense.kernel.value)
+    dense.quantize(
+        "int8", config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    )
+    assert str(dense._kernel.dtype) == "int8" and dense.inputs_quantizer is None
+    x = np.random.default_rng(0).normal(size=(2, 5, 32)).astype("float32")
+    forward = jax.jit(lambda x: dense(x))
+    with bf16_products():
+        program = forward.lower(x).as_text()
+        got = np.asarray(forward(x), "float32")
+    (product,) = re.findall(r"stablehlo\.dot_general .*: \((.*)\) -> (.*)", program)
+    assert product[0].count("bf16") == 2 and "f32" in product[1]
+    expected = x @ float_kernel
+    assert np.abs(got - expected).max() < 3e-2 * np.abs(expected).max()

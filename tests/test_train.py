@@ -358,6 +358,30 @@ def test_run_directory(trained, kb):
     np.testing.assert_allclose(logits(fresh, token_ids), trained_logits, rtol=1e-5, atol=1e-6)
 
 
+def test_quantize_base_is_weight_only_and_keeps_the_embedding_float(tiny_presets):
+    """QLoRA's base: every transformer kernel quantized, activations not, the (tied output)
+    embedding left in float; logits move by rounding only, less for int8 than for int4."""
+    from gemma_cse.models import load_causal_lm
+    from gemma_cse.train import quantize_base
+
+    token_ids = np.arange(1, 41, dtype="int32")[None]
+    expected = logits(load_causal_lm(str(tiny_presets["gemma3"])), token_ids)
+    errors = {}
+    for mode in ("int8", "int4"):
+        causal_lm = load_causal_lm(str(tiny_presets["gemma3"]))
+        quantize_base(causal_lm.backbone, mode)
+        dense = [
+            layer for layer in causal_lm.backbone._flatten_layers() if hasattr(layer, "_kernel")
+        ]
+        assert dense and all(layer.quantization_mode == mode for layer in dense)
+        assert all(layer.inputs_quantizer is None for layer in dense)
+        assert causal_lm.backbone.token_embedding.embeddings.dtype == "float32"
+        errors[mode] = (
+            np.abs(logits(causal_lm, token_ids) - expected).max() / np.abs(expected).max()
+        )
+    assert 0 < errors["int8"] < 0.05 and errors["int8"] < errors["int4"] < 0.5
+
+
 def test_qlora_merged_preset_is_the_float_base_plus_the_adapter(trained):
     """quantize=int8: the preset merges the LoRA update into the float base (not the int8 one)."""
     config, _, causal_lm, _ = trained("llama")

@@ -30,7 +30,7 @@ class Config:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "query_value"  # query_value | attention | all
-    quantize: str = "none"  # none | int8 | int4: applied to the frozen base before LoRA
+    quantize: str = "none"  # none | int8 | int4: the frozen base, weight-only (QLoRA)
     # optimisation
     epochs: int = 3
     batch_size: int = 4

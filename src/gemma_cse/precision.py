@@ -7,8 +7,9 @@ for with a float32 result (``preferred_element_type``) runs in XNNPACK's bfloat1
 (``benchmarks/bench_train_step.py``). ``bf16_products()`` makes Keras' JAX ``einsum`` and
 ``matmul`` ask for that float32 result and round it to bfloat16, in the forward pass and in
 both products of the backward pass (a custom VJP: JAX's own transpose would multiply the
-float32 cotangent in float32). Everything else, float32 and int8 products included, is left
-as Keras computes it.
+float32 cotangent in float32). A bf16 activation times a weight-only int8 kernel (QLoRA's
+frozen base, see ``train.quantize_base``) takes the same path: int8 values are exact in bf16.
+Everything else, float32 and int8 × int8 products included, is left as Keras computes it.
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ def _backward(equation, saved, grad):
 bf16_einsum.defvjp(_forward, _backward)
 
 
-def _both_bf16(*operands) -> bool:
-    return all(getattr(o, "dtype", None) == jnp.bfloat16 for o in operands)
+def _as_bf16_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """Both operands in bf16 when one is bf16 and the other bf16 or int8 (exact in bf16)."""
+    dtypes = {str(x.dtype), str(y.dtype)}
+    if "bfloat16" not in dtypes or not dtypes <= {"bfloat16", "int8"}:
+        return None
+    return x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
 
 
 @contextlib.contextmanager
@@ -91,15 +96,17 @@ def bf16_products(enabled: bool = True) -> Iterator[None]:
 
     def fast_einsum(subscripts, *operands, **kwargs):
         operands = [keras_jax_numpy.convert_to_tensor(o) for o in operands]
-        if len(operands) == 2 and not kwargs and _both_bf16(*operands) and _operands(subscripts):
-            return bf16_einsum(subscripts.replace(" ", ""), *operands)
+        pair = _as_bf16_pair(*operands) if len(operands) == 2 and not kwargs else None
+        if pair and _operands(subscripts):
+            return bf16_einsum(subscripts.replace(" ", ""), *pair)
         return einsum(subscripts, *operands, **kwargs)
 
     def fast_matmul(x1, x2):
         x1, x2 = keras_jax_numpy.convert_to_tensor(x1), keras_jax_numpy.convert_to_tensor(x2)
-        if _both_bf16(x1, x2) and x1.ndim >= 2 and x2.ndim == 2:
+        pair = _as_bf16_pair(x1, x2)
+        if pair and x1.ndim >= 2 and x2.ndim == 2:
             batch = "abcdefgh"[: x1.ndim - 1]
-            return bf16_einsum(f"{batch}y,yz->{batch}z", x1, x2)
+            return bf16_einsum(f"{batch}y,yz->{batch}z", *pair)
         return matmul(x1, x2)
 
     keras_jax_numpy.einsum, keras_jax_numpy.matmul = fast_einsum, fast_matmul
