@@ -270,6 +270,8 @@ def _write_run(run_dir: Path) -> Path:
         encoding="utf-8",
     )
     (run_dir / "config.yaml").write_text("name: r8\nlora_rank: 8\nquantize: int8\n")
+    summary = {"train_tokens_per_second_wall": 317.9, "final_metrics": {"val_loss": 2.4}}
+    (run_dir / "run.json").write_text(json.dumps(summary))
     return run_dir
 
 
@@ -301,6 +303,7 @@ def test_write_report_on_hand_made_records(tmp_path):
         metrics["systems"]["rag"]["embedding_similarity"]
     )
     assert saved["runs"][0]["lora_rank"] == 8
+    assert saved["runs"][0]["train_tokens_per_second"] == 317.9
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     missed = {e["question"]: e["problems"] for e in errors}
     assert missed == {

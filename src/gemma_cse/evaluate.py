@@ -640,7 +640,11 @@ def _run_info(run_dir: Path) -> dict:
         info |= {k: config.get(k) for k in ("model", "lora_rank", "lora_targets", "quantize")}
     if (run_dir / "run.json").is_file():
         summary = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        info |= {"epochs_run": summary.get("epochs_run"), **summary.get("final_metrics", {})}
+        info |= {
+            "epochs_run": summary.get("epochs_run"),
+            "train_tokens_per_second": summary.get("train_tokens_per_second_wall"),
+            **summary.get("final_metrics", {}),
+        }
     return info
 
 
@@ -870,6 +874,7 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
                     info.get("lora_targets", "—"),
                     info.get("quantize", "—"),
                     _fmt(info.get("val_loss"), "f3"),
+                    _fmt(info.get("train_tokens_per_second"), "int"),
                     _fmt(m["right_topic"]),
                     _fmt(m["chrf"], "f2"),
                     _fmt(m["rouge_l"], "f3"),
@@ -887,6 +892,7 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
             "targets",
             "quantize",
             "val loss",
+            "train tokens/s",
             "right topic",
             "chrF",
             "ROUGE-L",

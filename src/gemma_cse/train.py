@@ -123,9 +123,8 @@ def quantize_base(backbone, mode: str) -> None:
         "int8": lambda: Int8QuantizationConfig(activation_quantizer=None),
         "int4": lambda: Int4QuantizationConfig(block_size=64),
     }[mode]()
-    backbone.quantize(
-        config=quantization, filters=lambda layer: not isinstance(layer, keras.layers.Embedding)
-    )
+    dense = (keras.layers.Dense, keras.layers.EinsumDense)
+    backbone.quantize(config=quantization, filters=lambda layer: isinstance(layer, dense))
 
 
 def answer_token_loss():
