@@ -12,6 +12,7 @@ import pytest
 
 from gemma_cse.cli import UserError
 from gemma_cse.data import Entry, load_entries, make_splits
+from gemma_cse.guard import DEFAULT_THRESHOLD
 from gemma_cse.retrieval import (
     E5Embedder,
     Hit,
@@ -324,7 +325,7 @@ def test_unrelated_query_scores_lower_than_in_scope_ones(kb_use, splits):
     unrelated = kb_use.search("receta de pozole", 1)[0].score
     in_scope = [kb_use.search(ex.question, 1)[0].score for ex in splits.test[:20]]
     assert unrelated < min(in_scope)
-    assert unrelated < 0.15
+    assert unrelated < 0.6 * DEFAULT_THRESHOLD  # well below where the guard says out of scope
 
 
 def test_weights_are_checked(small_lexical):
