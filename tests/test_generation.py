@@ -7,6 +7,7 @@ import pytest
 
 from gemma_cse.data import Entry
 from gemma_cse.generation import (
+    CopyBudget,
     DecodingConfig,
     Generator,
     SubsetOutput,
@@ -14,9 +15,11 @@ from gemma_cse.generation import (
     count_compilations,
     cut_repetition,
     grounded_message,
+    lookup_decode,
     lookup_draft,
     merge_lora,
     prepare_for_decoding,
+    repeat_start,
     restrict_vocabulary,
     use_heads_projections,
     vocabulary_for,
@@ -154,3 +157,70 @@ def test_prompt_lookup_decoding_gives_the_greedy_answer(tiny_gemma, fast):
         assert got.token_ids == expected.token_ids and len(got.token_ids) > 0
         assert (got.text, got.stopped) == (expected.text, expected.stopped)
     assert got.forward_passes < got.new_tokens, "drafts from the prompt were accepted"
+
+
+def test_copy_budget_counts_prompt_passages():
+    budget = CopyBudget([1, 2, 3, 4, 9, 1, 2, 3, 4, 5, 6, 7, 8], n=4)
+    assert budget.allows([1, 2, 3], 4)  # (1, 2, 3, 4): the prompt holds it twice
+    assert budget.allows([1, 2, 3, 4, 1, 2, 3], 4)
+    assert not budget.allows([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3], 4)  # a third time
+    assert budget.allows([5, 6, 7], 8) and not budget.allows([5, 6, 7, 8, 5, 6, 7], 8)
+    assert budget.allows([7, 7, 7, 7, 7], 7)  # not a prompt passage: not budgeted
+    assert budget.allows([6, 7], 8)  # shorter than a passage
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        ([5, 1, 2, 3, 4, 6, 1, 2, 3, 4], 6),  # the repeat (1, 2, 3, 4) began at index 6
+        ([1, 2, 1, 2, 1, 2], 2),  # the longest earlier-seen suffix: (1, 2, 1, 2)
+        ([1, 2, 3], 2),  # nothing repeats: the last token
+    ],
+)
+def test_repeat_start(tokens, expected):
+    assert repeat_start(tokens) == expected
+
+
+# A scripted copier: prompt 10 11 … 18 then the question 30. It copies the passage, and
+# after its ``loops``-th 17 it jumps back to 11 (its second choice, 18, is how the source
+# goes on; 18 → stop). Drafted tokens are scored as the model would, position by position.
+STOP = 1
+PROMPT = [10, 11, 12, 13, 14, 15, 16, 17, 18, 30]
+
+
+def scripted_step(prompt: list[int], calls: list, back_to_start_after: int):
+    sequence = list(prompt)
+
+    def step(tokens, index):
+        calls.append((list(tokens), index))
+        del sequence[index:]
+        rows = []
+        for token in tokens:
+            sequence.append(token)
+            seventeens = sequence[len(prompt) :].count(17)
+            if token == 17:
+                loop = seventeens <= back_to_start_after
+                rows.append([11, 18] if loop else [18, STOP])
+            else:
+                rows.append([token + 1 if 11 <= token < 17 else STOP, STOP])
+        return rows
+
+    return step
+
+
+def test_lookup_decoding_revises_a_copy_loop_where_it_began():
+    calls = []
+    step = scripted_step(PROMPT, calls, back_to_start_after=1000)  # loops for ever
+    new, passes = lookup_decode(PROMPT, [11, STOP], step, 60, [STOP])
+    assert new == [11, 12, 13, 14, 15, 16, 17, 18, STOP]  # not 11 … 17 11 12 13 14 …
+    assert passes == len(calls) < len(new)  # drafts from the prompt were accepted
+    assert calls[0] == ([11, 12, 13, 14, 15, 16, 17, 18], len(PROMPT))  # 11 + 7 drafted
+
+
+def test_lookup_decoding_copies_a_passage_as_often_as_the_prompt_holds_it():
+    prompt = PROMPT[:8] + PROMPT[1:]  # the passage 11 … 17 twice
+    step = scripted_step(prompt, [], back_to_start_after=1)  # copies it twice, goes on
+    new, _ = lookup_decode(prompt, [11, STOP], step, 60, [STOP])
+    assert new == [11, 12, 13, 14, 15, 16, 17] * 2 + [18, STOP]
+    step = scripted_step(PROMPT, [], back_to_start_after=1)  # the same, held once: revised
+    assert lookup_decode(PROMPT, [11, STOP], step, 60, [STOP])[0] == [*range(11, 19), STOP]

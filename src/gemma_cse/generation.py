@@ -10,8 +10,16 @@ stays at -inf). Greedy decoding of Gemma 3 then uses prompt-lookup decoding
 (``Generator``): grounded answers copy long spans of their sources, so the tokens that
 followed the last few generated tokens in the prompt are drafted and one forward pass checks
 them all; a step reads the weights once whether it checks 1 token or 8, and the output is
-the greedy one. Lengths are padded to buckets so compiled functions are reused across
-requests instead of recompiled.
+the greedy one (within the copy budget below). Lengths are padded to buckets so compiled
+functions are reused across requests instead of recompiled.
+
+Loops: a grounded answer that copies a passage of its source sometimes jumps back to the
+passage's start and copies it again, forever. The lookup decoder keeps a copy budget
+(``CopyBudget``): a 4-token passage of the prompt may be generated as many times as the
+prompt holds it. When the best token would copy one once more, the repeat is revised where
+it began: that position takes the model's second choice (``lookup_decode``; e.g. "...tu
+proyecto; el informe final describe..." again becomes "...tu proyecto; el formato...", as
+the source goes on). Text not in the prompt is not budgeted (``cut_repetition`` cuts it).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ LENGTH_BUCKET = 128  # total sequence lengths are multiples of this: few compile
 PREFILL_CHUNK = 64  # prompt tokens per forward pass when filling the cache
 LOOKUP_TOKENS = 8  # tokens one prompt-lookup step checks: the last token + 7 drafted
 LOOKUP_NGRAM = 3  # longest suffix of the text looked up in the prompt and answer so far
+COPY_NGRAM = 4  # tokens of a copied passage counted by the copy budget (``CopyBudget``)
 
 INSTRUCTIONS = (
     "Eres el asistente virtual de la Coordinación de Sistemas Escolares (CSE) de la "
@@ -174,15 +183,82 @@ def prepare_for_decoding(causal_lm, token_ids: np.ndarray | None) -> None:
 
 
 def greedy_tokens(causal_lm, hidden):
-    """Argmax token ids for final hidden states, scoring only a restricted vocabulary's rows.
-
-    Soft-capping is monotonic, so it cannot change the argmax and is skipped.
-    """
+    """The best and second-best token ids for final hidden states, (..., 2), scoring only a
+    restricted vocabulary's rows. Soft-capping is monotonic: it cannot change the order."""
     output = causal_lm.backbone.token_embedding
     if isinstance(output, SubsetOutput):
-        return ops.take(output.token_ids, ops.argmax(output.subset_scores(hidden), -1))
+        _, best = ops.top_k(output.subset_scores(hidden), 2)
+        return ops.take(output.token_ids, best)
     scores = ops.einsum("...h,vh->...v", hidden, ops.cast(output.embeddings, hidden.dtype))
-    return ops.cast(ops.argmax(scores, -1), "int32")
+    return ops.cast(ops.top_k(scores, 2)[1], "int32")
+
+
+class CopyBudget:
+    """How often each ``COPY_NGRAM``-token passage of the prompt may be generated: as often
+    as the prompt holds it."""
+
+    def __init__(self, prompt: Sequence[int], n: int = COPY_NGRAM):
+        self.n = n
+        self.held: dict[tuple[int, ...], int] = {}
+        for i in range(len(prompt) - n + 1):
+            gram = tuple(prompt[i : i + n])
+            self.held[gram] = self.held.get(gram, 0) + 1
+
+    def allows(self, generated: Sequence[int], token: int) -> bool:
+        """Whether ``token`` may follow ``generated``."""
+        tokens = [*generated, token]
+        gram = tuple(tokens[-self.n :])
+        if len(gram) < self.n or gram not in self.held:
+            return True
+        windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens), self.n)
+        return int((windows == gram).all(axis=1).sum()) <= self.held[gram]
+
+
+def repeat_start(tokens: Sequence[int]) -> int:
+    """Where the longest suffix of ``tokens`` that occurred earlier in them begins."""
+    tokens = list(tokens)
+    for k in range(len(tokens) - 1, 0, -1):
+        suffix = tokens[-k:]
+        if any(tokens[i : i + k] == suffix for i in range(len(tokens) - k)):
+            return len(tokens) - k
+    return len(tokens) - 1
+
+
+def lookup_decode(
+    history: list[int], first: list[int], step, limit: int, stop_ids: Sequence[int]
+) -> tuple[list[int], int]:
+    """Greedy prompt-lookup decoding within the copy budget: (new tokens, forward passes).
+
+    ``first``: the (best, second) next tokens after ``history``; ``step(tokens, index)``:
+    (best, second) after each of ``tokens``, placed from position ``index`` (the cache holds
+    every position before it). When the best token would copy a prompt passage beyond its
+    budget, the repeat is revised where it began: that position takes its second choice.
+    """
+    best, second = first
+    new, seconds, revised = [best], [second], set()
+    budget = CopyBudget(history)
+    passes = 0
+    while new[-1] not in stop_ids and len(new) < limit:
+        draft = lookup_draft(history + new, LOOKUP_TOKENS - 1)
+        predicted = step([new[-1], *draft], len(history) + len(new) - 1)
+        passes += 1
+        accepted = 0
+        while accepted < len(draft) and predicted[accepted][0] == draft[accepted]:
+            accepted += 1
+        for best, second in predicted[: accepted + 1]:  # the drafts kept, then one more
+            if not budget.allows(new, best):
+                at = repeat_start([*new, best])
+                if at in revised or at >= len(new):  # revised once already: go on here
+                    new, seconds = [*new, second], [*seconds, second]
+                else:
+                    new, seconds = [*new[:at], seconds[at]], seconds[: at + 1]
+                revised.add(len(new) - 1)
+                break  # the later predictions followed a token not taken
+            new.append(best)
+            seconds.append(second)
+            if best in stop_ids or len(new) >= limit:
+                break
+    return new, passes
 
 
 def lookup_draft(history: Sequence[int], count: int, ngram: int = LOOKUP_NGRAM) -> list[int]:
@@ -392,22 +468,15 @@ class Generator:
         for begin in range(0, chunked, PREFILL_CHUNK):  # the cache, a chunk at a time
             chunk = padded[:, begin : begin + PREFILL_CHUNK]
             ids, cache = forward(state, chunk, cache, np.int32(begin))
-        new = [int(np.asarray(ids)[0, length - 1 - begin])]
-        passes = 0
-        while new[-1] not in self.stop_ids and len(new) < limit:
-            draft = lookup_draft(history + new, LOOKUP_TOKENS - 1)
-            tokens = np.asarray([[new[-1], *draft]], "int32")
-            if draft and len(draft) < LOOKUP_TOKENS - 1:  # pad to the compiled width
-                tokens = np.pad(tokens, ((0, 0), (0, LOOKUP_TOKENS - 1 - len(draft))))
-            index = length + len(new) - 1  # position of the last token, not yet cached
-            ids, cache = forward(state, tokens, cache, np.int32(index))
-            predicted = np.asarray(ids)[0].tolist()
-            passes += 1
-            accepted = 0
-            while accepted < len(draft) and predicted[accepted] == draft[accepted]:
-                accepted += 1
-            for token in [*draft[:accepted], predicted[accepted]]:
-                new.append(int(token))
-                if token in self.stop_ids or len(new) >= limit:
-                    break
+        first = np.asarray(ids)[0, length - 1 - begin].tolist()
+
+        def step(tokens: list[int], index: int) -> list[list[int]]:
+            nonlocal cache
+            row = np.asarray([tokens], "int32")
+            if 1 < len(tokens) < LOOKUP_TOKENS:  # pad drafts to the compiled width
+                row = np.pad(row, ((0, 0), (0, LOOKUP_TOKENS - len(tokens))))
+            ids, cache = forward(state, row, cache, np.int32(index))
+            return np.asarray(ids)[0].tolist()
+
+        new, passes = lookup_decode(history, first, step, limit, self.stop_ids)
         return self._finish(new, limit, time.perf_counter() - start, passes)
