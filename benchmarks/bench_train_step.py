@@ -4,7 +4,9 @@ Prints seconds per step and tokens/s at batch 4 × 128 for (a) the standard Caus
 (logits for every position over the 262k vocabulary), (b) logits only at the answer
 positions, (c) answer positions over the vocabulary the data uses, (d) = (c) with
 ``mixed_bfloat16`` as Keras computes it, (e) = (d) with ``precision.bf16_products`` (what
-``train`` runs on a CPU with native bf16); then an epoch estimate with length bucketing.
+``train`` runs on a CPU with native bf16), (f)/(g) = (e) on a QLoRA base (``quantize`` int8 /
+int4, ``train.quantize_base``); then the weight memory of each base and an epoch estimate
+with length bucketing.
 Usage: python benchmarks/bench_train_step.py [--steps 3]
 """
 
@@ -80,12 +82,21 @@ def main() -> None:
     bx, by, bw = batch
     bx = {**bx, "token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}
     mixed = build_model(Config(precision="mixed_bfloat16", sequence_length=SEQ))
+    bases = {"e) (d) with bf16_products": mixed.backbone}
     for label, fast in (
         ("d) (c) in mixed_bfloat16, Keras", False),
         ("e) (d) with bf16_products", True),
     ):
         with bf16_products(enabled=fast):
             model = AnswerOnlyLM(mixed.backbone, vocab_ids)
+            compile_model(model)
+            results[label] = timed_steps(model, bx, by, bw, args.steps)
+    del mixed, model
+    for label, mode in (("f) (e), QLoRA int8 base", "int8"), ("g) (e), QLoRA int4 base", "int4")):
+        quantized = build_model(Config(precision="mixed_bfloat16", quantize=mode))
+        bases[label] = quantized.backbone
+        with bf16_products():
+            model = AnswerOnlyLM(quantized.backbone, vocab_ids)
             compile_model(model)
             results[label] = timed_steps(model, bx, by, bw, args.steps)
 
@@ -96,6 +107,14 @@ def main() -> None:
     for label, seconds in results.items():
         rate = BATCH * SEQ / seconds
         print(f"  {label:36s} {seconds:6.2f} s/step  {rate:7.1f} tokens/s  ×{base / seconds:.2f}")
+    for label, backbone in bases.items():
+        frozen = sum(v.numpy().nbytes for v in backbone.non_trainable_weights)
+        embedding = sum(v.numpy().nbytes for v in backbone.token_embedding.weights)
+        layers = (frozen - embedding) / 2**20
+        print(
+            f"  frozen weights, {label[:2]} {frozen / 2**20:6.0f} MiB "
+            f"(embedding {embedding / 2**20:.0f} MiB, transformer layers {layers:.0f} MiB)"
+        )
     real_tokens = sum(len(ids) for ids, _ in encoded)
     best = min(results.values())
     print(
