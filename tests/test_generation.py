@@ -224,3 +224,18 @@ def test_lookup_decoding_copies_a_passage_as_often_as_the_prompt_holds_it():
     assert new == [11, 12, 13, 14, 15, 16, 17] * 2 + [18, STOP]
     step = scripted_step(PROMPT, [], back_to_start_after=1)  # the same, held once: revised
     assert lookup_decode(PROMPT, [11, STOP], step, 60, [STOP])[0] == [*range(11, 19), STOP]
+
+
+def test_a_qlora_base_decodes_with_the_fast_layout(tiny_gemma):
+    """After ``quantize_base`` (which locks Keras' layer tracking) the output layer can still
+    be restricted, and the quantized model decodes within it."""
+    from gemma_cse.train import quantize_base
+
+    quantize_base(tiny_gemma.backbone, "int8")
+    tokenizer = tiny_gemma.preprocessor.tokenizer
+    allowed = vocabulary_for(tokenizer, ["Consulta el SEL para tu constancia."])
+    prepare_for_decoding(tiny_gemma, allowed)
+    assert isinstance(tiny_gemma.backbone.token_embedding, SubsetOutput)
+    prompt = chat_prompt(tokenizer, [], "¿Dónde pido mi constancia?")
+    got = Generator(tiny_gemma, DecodingConfig(max_new_tokens=24)).generate(prompt)
+    assert got.token_ids and set(got.token_ids) <= set(allowed.tolist())

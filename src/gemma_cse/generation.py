@@ -299,7 +299,7 @@ def restrict_vocabulary(causal_lm, token_ids: np.ndarray) -> None:
     if isinstance(embedding, SubsetOutput):
         embedding = embedding.embedding
     subset = SubsetOutput(embedding, token_ids, embedding.input_dim)
-    object.__setattr__(backbone, "token_embedding", subset)  # bypass Keras layer tracking
+    object.__setattr__(backbone, "_token_embedding", subset)  # bypass Keras layer tracking
     causal_lm.generate_function = None  # recompile with the new output layer
 
 
