@@ -55,7 +55,16 @@ variants of 5 seeded splits ("val MRR"); AUROC of the top score, test questions 
   because more weight cost AUROC.
 - Rejected on validation: weighting the last "¿...?" of a long message 20–50 % (MRR 0.843 →
   0.835–0.797: that part is often generic, "¿dónde se pide?"); RRF (seed-13 validation MRR
-  0.802 vs 0.846, AUROC 0.80).
+  0.802 vs 0.846, AUROC 0.80); the question field pooled as the mean of an entry's best 2–5
+  texts instead of the best one (hit@1 0.947–0.949 vs 0.949).
+- Rejected on validation, a reranker of the two best entries (which hold the gold for 99.1 %
+  of the validation questions): the embedded Gemma 3 270M with its own LoRA, 250 steps of 8
+  on 2,000 paraphrases (mined rivals: each paraphrase searched in an index without its fold),
+  9–13 min of this CPU. Asked "which entry answers it, A or B?" it stayed at chance (51.8 %
+  between the two); trained on query likelihood (a paraphrase given its entry) it picks the
+  gold of the two 81.4 % of the time alone, but added to the fused score it gains 0.003
+  hit@1 (test: none), as it shares the retriever's misses (it prefers the gold in 8 of the 25
+  validation questions whose gold is second).
 - USE is the default (*): e5 costs 5 times the CPU per query, over the 20 ms budget for
   retrieval + guard, for no gain in validation MRR, so ``embedder="e5"`` is for offline work.
 - Building the index trains the classifier: ~15 s of CPU for the full KB; ``save``/``load``
