@@ -69,7 +69,7 @@ MAX_FALSE_REFUSALS = 0.03  # the goal on in-scope questions
 CALIBRATION_FALSE_REFUSALS = MAX_FALSE_REFUSALS / 2
 # used only until a calibration is run or loaded: the values calibrated with the default
 # retriever (USE embedder) on the sample knowledge base
-DEFAULT_THRESHOLD = 0.30
+DEFAULT_THRESHOLD = 0.34
 DEFAULT_CUE_THRESHOLD = 0.67
 EXPECTED_LABEL = {  # out_of_scope.jsonl's "expected" status → the guard's label
     "out_of_scope": "out_of_scope",
