@@ -30,7 +30,11 @@ and 13/18.
 ``calibration_protocol`` is the honest measurement: the out-of-scope set is split in halves by
 id hash (``split_out_of_scope``); rules and thresholds were written and chosen on the
 calibration half only; figures are reported on both. ``python -m gemma_cse.guard calibrate
-[--index DIR]`` runs it, prints the figures and writes ``DIR/guard.json``.
+[--index DIR]`` runs it, prints the figures and writes ``DIR/guard.json``. Its in-scope
+questions are every non-test variant, asked in 5 folds of an index without them (~3 min of
+this CPU with USE): the seed-13 validation variants alone (120) set the threshold by their
+second-lowest score, 0.34 on the sample KB, where the 661 variants measure 2.7 % false
+refusals; with all of them it is 0.30 (1.2 %).
 """
 
 from __future__ import annotations
@@ -55,7 +59,6 @@ from gemma_cse.data import (
     OUT_OF_SCOPE_FILE,
     Entry,
     OutOfScope,
-    Splits,
     load_entries,
     load_out_of_scope,
     make_splits,
@@ -67,10 +70,14 @@ MAX_FALSE_REFUSALS = 0.03  # the goal on in-scope questions
 # what calibration aims at: half the goal. 3 % of 120 calibration questions is 3–4 questions,
 # and the test half's rate came out 2–3 points above the calibration half's (measured)
 CALIBRATION_FALSE_REFUSALS = MAX_FALSE_REFUSALS / 2
+# the calibration's in-scope questions are asked in folds, each of an index without them: all
+# ~660 non-test variants instead of the 120 validation ones (whose second-lowest score set the
+# threshold: 0.34 on the sample KB, where all variants say 2.7 % false refusals)
+CALIBRATION_FOLDS = 5
 # used only until a calibration is run or loaded: the values calibrated with the default
 # retriever (USE embedder) on the sample knowledge base
-DEFAULT_THRESHOLD = 0.34
-DEFAULT_CUE_THRESHOLD = 0.67
+DEFAULT_THRESHOLD = 0.30
+DEFAULT_CUE_THRESHOLD = 0.69
 EXPECTED_LABEL = {  # out_of_scope.jsonl's "expected" status → the guard's label
     "out_of_scope": "out_of_scope",
     "refused": "refuse",
@@ -1302,25 +1309,22 @@ def _middle(values: Sequence[float]) -> float:
 
 def calibrate(
     guard: Guard,
-    retriever,
-    in_scope_questions: Sequence[str],
-    out_of_scope_items: Sequence,
+    cases: Sequence[Case],
+    scores: Sequence[float],
     max_false_refusals: float = CALIBRATION_FALSE_REFUSALS,
 ) -> Thresholds:
     """The retrieval-score thresholds that maximise out-of-scope F1 with false refusals at most
-    ``max_false_refusals`` on ``in_scope_questions``.
+    ``max_false_refusals`` on the in-scope ``cases``.
 
-    ``retriever`` must not index the held-out topics whose questions are among
-    ``out_of_scope_items`` (plain strings), nor the in-scope questions themselves. Both
-    thresholds are searched together (the one for messages with an off-topic cue is at least
-    the main one) over the midpoints between observed scores; among equally good pairs, the
-    middle of the best run of main thresholds, then the middle of the cue thresholds that go
-    with it.
+    ``scores``: each case's best retrieval score, from an index that holds neither the case
+    itself nor, for questions of held-out topics, their topic. Both thresholds are searched
+    together (the one for messages with an off-topic cue is at least the main one) over the
+    midpoints between observed scores; among equally good pairs, the middle of the best run of
+    main thresholds, then the middle of the cue thresholds that go with it.
     """
-    cases = cases_from(in_scope_questions, out_of_scope_items)
     ruled = [guard.rules(c.text) for c in cases]
     cue = np.array([guard.cue(c.text) is not None for c in cases])
-    score = np.array([_top_score(retriever.search(c.text, 3)) for c in cases])
+    score = np.asarray(scores, dtype=float)
     expected_oos = np.array([c.expected == "out_of_scope" for c in cases])
     in_scope = np.array([c.expected == "answer" for c in cases])
     fixed = np.array([r is not None for r in ruled])
@@ -1393,58 +1397,53 @@ def split_out_of_scope(items: Sequence) -> tuple[list, list]:
     return calibration, [i for i in items if half_of(i.id) == "test"]
 
 
-def training_view(
-    entries: Sequence[Entry], splits: Splits, leave_out: set[str] = frozenset()
-) -> list[Entry]:
-    """``entries`` with only their training questions, minus ``leave_out``: validation and test
-    questions are paraphrases the index has never seen, as real users' questions are."""
-    train: dict[str, list[str]] = {}
-    for example in splits.train:
-        if example.question not in leave_out:
-            train.setdefault(example.entry.id, []).append(example.question)
-    view = []
-    for entry in entries:
-        questions = train.get(entry.id) or [entry.question]
-        view.append(replace(entry, question=questions[0], variants=tuple(questions[1:])))
-    return view
+def _fold_of(key: str, i: int) -> int:
+    """The calibration fold of an entry's ``i``-th asked question, rotated by a hash of the
+    entry's id so that each fold holds every style of variant (the files list them in order)."""
+    return (int(hashlib.sha256(key.encode()).hexdigest(), 16) + i) % CALIBRATION_FOLDS
 
 
 def protocol_sets(entries: Sequence[Entry], items: Sequence[OutOfScope] | None = None) -> dict:
     """The calibration and test sets of the protocol (``make_splits``, seed 13).
 
-    - index: the entries without the held-out topics, with only their training questions;
-    - in-scope questions: validation questions (calibration) / test questions (test) of the
-      indexed entries. Validation questions rarely carry an off-topic cue, so the training
-      questions that do are moved from the index to the calibration questions: the cue
-      threshold is then measured on real in-scope questions with cues;
+    - in-scope questions: for calibration, every variant of the entries outside the held-out
+      topics except their test ones (validation and training variants alike, cued ones
+      included), each asked once of an index without it: ``CALIBRATION_FOLDS`` folds, each
+      index holding the others' questions, as the deployed index holds all; for the test, the
+      test questions, asked of the first fold's index (no index holds a test question);
     - out-of-scope: the out-of-scope set split in halves by id hash, plus every question of
-      the held-out topics, the topics split in halves by hash.
+      the held-out topics, the topics split in halves by hash; asked of the first fold's index.
+
+    Returns {"folds": [{"index", "in_scope"}, ...], "calibration": {"out_of_scope"},
+    "test": {"in_scope", "out_of_scope"}}.
     """
     splits = make_splits(list(entries))
     items = load_out_of_scope() if items is None else items
     heldout = set(splits.heldout_topics)
     kept = splits.without_heldout(list(entries))
     kept_ids = {e.id for e in kept}
-    cued = [
-        ex.question
-        for ex in splits.train
-        if ex.entry.id in kept_ids and ex.question != ex.entry.question and Guard.cue(ex.question)
-    ]
-    sets: dict = {"index": training_view(kept, splits, leave_out=set(cued))}
+    test = {ex.question for ex in splits.test}
+    asked = {e.id: [q for q in e.variants if q not in test] for e in kept}
+    fold_of = {(e.id, q): _fold_of(e.id, i) for e in kept for i, q in enumerate(asked[e.id])}
+    folds = []
+    for fold in range(CALIBRATION_FOLDS):
+        index = [
+            replace(e, variants=tuple(q for q in asked[e.id] if fold_of[e.id, q] != fold))
+            for e in kept
+        ]
+        in_scope = [q for e in kept for q in asked[e.id] if fold_of[e.id, q] == fold]
+        folds.append({"index": index, "in_scope": in_scope})
     calibration_items, test_items = split_out_of_scope(items)
-    halves = (
-        ("calibration", splits.validation, cued, calibration_items),
-        ("test", splits.test, [], test_items),
-    )
-    for half, examples, extra, oos in halves:
-        in_scope = [ex.question for ex in examples if ex.entry.id in kept_ids] + extra
+    sets: dict = {"folds": folds}
+    for half, oos in (("calibration", calibration_items), ("test", test_items)):
         topics_questions = [
             q
             for e in entries
             if e.topic in heldout and half_of(e.topic) == half
             for q in e.questions
         ]
-        sets[half] = {"in_scope": in_scope, "out_of_scope": list(oos) + topics_questions}
+        sets[half] = {"out_of_scope": list(oos) + topics_questions}
+    sets["test"]["in_scope"] = [ex.question for ex in splits.test if ex.entry.id in kept_ids]
     return sets
 
 
@@ -1469,20 +1468,26 @@ def calibration_protocol(
 ) -> dict:
     """Calibrate on the calibration half, measure on both: {"thresholds", "calibration", "test"}."""
     sets = protocol_sets(entries, items)
-    retriever = build_retriever(sets["index"])
     guard = guard or Guard()
-    thresholds = calibrate(
-        guard, retriever, sets["calibration"]["in_scope"], sets["calibration"]["out_of_scope"]
-    )
-    tuned = Guard(thresholds)
-    report = {}
-    for half in ("calibration", "test"):
-        cases = cases_from(sets[half]["in_scope"], sets[half]["out_of_scope"])
-        report[half] = figures(cases, decide(tuned, retriever, cases))
-    embedder = getattr(getattr(retriever, "embedder", None), "name", None)
-    measured = thresholds.calibration | {"test": report["test"], "embedder": embedder}
-    report["thresholds"] = replace(thresholds, calibration=measured)
-    return report
+    cases: list[Case] = []
+    scores: list[float] = []
+    retrievers = [build_retriever(fold["index"]) for fold in sets["folds"]]
+    first = retrievers[0]
+    for fold, retriever in zip(sets["folds"], retrievers, strict=True):
+        asked = cases_from(fold["in_scope"], [] if cases else sets["calibration"]["out_of_scope"])
+        cases += asked
+        scores += [_top_score(retriever.search(c.text, 3)) for c in asked]
+    thresholds = calibrate(guard, cases, scores)
+    cases = cases_from(sets["test"]["in_scope"], sets["test"]["out_of_scope"])
+    test = figures(cases, decide(Guard(thresholds), first, cases))
+    calibration = {k: v for k, v in thresholds.calibration.items() if not k.startswith("best_")}
+    embedder = getattr(getattr(first, "embedder", None), "name", None)
+    measured = thresholds.calibration | {"test": test, "embedder": embedder}
+    return {
+        "thresholds": replace(thresholds, calibration=measured),
+        "calibration": calibration,
+        "test": test,
+    }
 
 
 # ---------------------------------------------------------------- command line
