@@ -70,9 +70,7 @@ MAX_FALSE_REFUSALS = 0.03  # the goal on in-scope questions
 # what calibration aims at: half the goal. 3 % of 120 calibration questions is 3–4 questions,
 # and the test half's rate came out 2–3 points above the calibration half's (measured)
 CALIBRATION_FALSE_REFUSALS = MAX_FALSE_REFUSALS / 2
-# the calibration's in-scope questions are asked in folds, each of an index without them: all
-# ~660 non-test variants instead of the 120 validation ones (whose second-lowest score set the
-# threshold: 0.34 on the sample KB, where all variants say 2.7 % false refusals)
+# the calibration asks every non-test variant, each of an index without its fold (see above)
 CALIBRATION_FOLDS = 5
 # used only until a calibration is run or loaded: the values calibrated with the default
 # retriever (USE embedder) on the sample knowledge base
