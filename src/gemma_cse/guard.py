@@ -34,7 +34,7 @@ calibration half only; figures are reported on both. ``python -m gemma_cse.guard
 questions are every non-test variant, asked in 5 folds of an index without them (~3 min of
 this CPU with USE): the seed-13 validation variants alone (120) set the threshold by their
 second-lowest score, 0.34 on the sample KB, where the 661 variants measure 2.7 % false
-refusals; with all of them it is 0.30 (1.2 %).
+refusals; with all of them it was 0.30 (1.2 %), and 0.32 after round 5 of paraphrases.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ CALIBRATION_FALSE_REFUSALS = MAX_FALSE_REFUSALS / 2
 CALIBRATION_FOLDS = 5
 # used only until a calibration is run or loaded: the values calibrated with the default
 # retriever (USE embedder) on the sample knowledge base
-DEFAULT_THRESHOLD = 0.30
+DEFAULT_THRESHOLD = 0.32
 DEFAULT_CUE_THRESHOLD = 0.69
 EXPECTED_LABEL = {  # out_of_scope.jsonl's "expected" status → the guard's label
     "out_of_scope": "out_of_scope",
