@@ -3,7 +3,6 @@ variants, persistence, floors."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -395,16 +394,3 @@ def test_test_split_hit_rates_stay_above_measured_floors(kb_use, kb_lexical, spl
     assert hit3 >= FLOOR_FUSED_HIT3, hit3
     lexical_hit1, _ = hit_rates(kb_lexical, splits.test)
     assert lexical_hit1 >= FLOOR_LEXICAL_HIT1, lexical_hit1
-
-
-def test_search_cpu_time_fits_the_budget(kb_use, splits):
-    """p95 CPU time of a search with a new query (embedding included) under 15 of the 20 ms
-    budget for retrieval + guard. CPU time, not wall time: other jobs share this machine."""
-    kb_use.search("warm up", 3)
-    times = []
-    for example in splits.test[:60]:
-        kb_use.cache.clear()
-        start = time.process_time()
-        kb_use.search(example.question, 3)
-        times.append((time.process_time() - start) * 1e3)
-    assert np.percentile(times, 95) < 15.0, times
