@@ -63,9 +63,10 @@ variants of 5 seeded splits ("val MRR"); AUROC of the top score, test questions 
   kept: a round 6 written the same way (60 an entry; leave-out hit@1 88.6 % before it), hit@1
   0.964 (no question gained, three lost); the fusion and field weights re-gridded, best 0.970
   (one question, within noise); the classifier's C at 3, 30 or 100, its embedding block
-  doubled, its char block halved, or answer sentences counting 0.25: 0.953–0.967. The
-  classifier alone scores 0.970 there, the fused score 0.968: the scorers now share their
-  misses, mostly sibling entries the question hardly tells apart.
+  doubled, its char block halved, or answer sentences counting 0.25: 0.953–0.967; e5 in
+  place of USE, 0.965, and both embedders' scores and classifiers together, at most 0.970
+  (for 5 times the CPU). The classifier alone scores 0.970 there, the fused score 0.968:
+  the scorers now share their misses, mostly sibling entries the question hardly tells apart.
 - With them, the question field carries most of the weight (0.7; answers 0.3 add the words
   no question has; topic descriptions add nothing) and the classifier 0.4, chosen on the
   validation grid (MRR 0.944, AUROC 0.933 vs 0.933 and 0.923 for the old weights).
