@@ -20,75 +20,13 @@ over entries gives the query, trained on the indexed texts (questions count 1, a
 sentences and descriptions 0.5) with word (stems and stem pairs) TF-IDF, char TF-IDF and
 embedding features. The four are fused as a weighted sum (0.3/0.18/0.12/0.4 with USE).
 
-Choices, measured with ``benchmarks/bench_retrieval.py``: the index holds the train questions
-(and the paraphrases) only; 132 unseen test variants; weights chosen on 587 validation
-variants of 5 seeded splits ("val MRR"); AUROC of the top score, test questions vs
-``out_of_scope.jsonl``; CPU ms per new query (embedding included), p95:
-
-    configuration                              val MRR  test hit@1  hit@3   MRR  AUROC  CPU ms
-    5 questions an entry, no paraphrases:
-      BM25+char, questions                      0.657     0.500    0.712  0.635  0.85     1.5
-      BM25+char+USE, all fields                 0.792     0.682    0.871  0.792  0.90     8.4
-      BM25+char+USE+classifier, old weights     0.844     0.735    0.917  0.825  0.90     7.4
-    + 10 paraphrases an entry:
-      BM25+char+USE+classifier, old weights     0.952     0.871    0.977  0.927  0.93     9.2
-      classifier (with USE) alone               0.954     0.902    0.985  0.944  0.92    10.7
-      BM25+char+classifier (lexical)            0.946     0.879    0.977  0.929  0.92     4.7
-      BM25+char+USE+classifier (*)              0.957     0.902    0.985  0.942  0.94     9.4
-      BM25+char+e5+classifier, old weights      0.940     0.909    0.970  0.943  0.94    51.3
-    + 10 more, written against each entry's 6 closest entries (20 an entry):
-      BM25+char+USE+classifier (*)              0.965     0.939    0.992  0.965  0.96
-    + 10 more: longer messages, problems at that step, new words (30 an entry):
-      BM25+char+USE+classifier (*)              0.977     0.932    0.992  0.963  0.97    12.2
-    + 10 more, written against the entries it was confused with (40 an entry):
-      BM25+char+USE+classifier (*)              0.981     0.924    0.992  0.960  0.97    12.1
-    + 10 more, the same way on that KB (50 an entry, the KB now):
-      BM25+char+USE+classifier (*)              0.996     0.932    0.992  0.963  0.97    14.4
-
-- Paraphrases are what moved retrieval most: the classifier and the question field learn the
-  everyday words and situations students use that five questions an entry lacked. Over the
-  587 validation questions of 5 seeds, hit@1 went 0.905 → 0.939 → 0.949 with 10/20/30 an
-  entry (MRR 0.944 → 0.966 → 0.972); round 3 was kept on that, though the seed-13 test lost
-  one question (0.939 → 0.932). Round 4 was written against each entry's actual rivals
-  (its paraphrases searched in an index without them, 5-fold leave-out): 5-seed validation
-  hit@1 0.949 → 0.959 (MRR 0.972 → 0.977), and, each of the 661 non-test variants asked once
-  of an index without it (5 folds, no question counted twice), 0.943 → 0.959; kept on that,
-  though the seed-13 test lost one more (0.932 → 0.924; the engine's right topic stayed
-  93.2 %, one guard refusal fewer). Round 5, the same way on that KB: 0.959 → 0.978 over 5
-  seeds, 0.959 → 0.968 asking every variant once (MRR 0.977 → 0.981); the engine's right
-  topic on the test 93.2 % → 93.9 %; CPU p95 per query 14.4 ms alone (16.5 beside the test
-  suite; the index holds 7,258 question texts).
-- Retrieval has plateaued on validation at 50 paraphrases an entry; each of these was measured
-  asking every non-test variant once (``--every-variant``, hit@1 0.968, MRR 0.981) and not
-  kept: a round 6 written the same way (60 an entry; leave-out hit@1 88.6 % before it), hit@1
-  0.964 (no question gained, three lost); the fusion and field weights re-gridded, best 0.970
-  (one question, within noise); the classifier's C at 3, 30 or 100, its embedding block
-  doubled, its char block halved, or answer sentences counting 0.25: 0.953–0.967; e5 in
-  place of USE, 0.965, and both embedders' scores and classifiers together, at most 0.970
-  (for 5 times the CPU). The classifier alone scores 0.970 there, the fused score 0.968:
-  the scorers now share their misses, mostly sibling entries the question hardly tells apart.
-- With them, the question field carries most of the weight (0.7; answers 0.3 add the words
-  no question has; topic descriptions add nothing) and the classifier 0.4, chosen on the
-  validation grid (MRR 0.944, AUROC 0.933 vs 0.933 and 0.923 for the old weights).
-- Before paraphrases, answers and topic descriptions carried the words an entry's few
-  questions lacked (validation hit@1 0.533 → 0.673), and the classifier was kept at 0.2
-  because more weight cost AUROC.
-- Rejected on validation: weighting the last "¿...?" of a long message 20–50 % (MRR 0.843 →
-  0.835–0.797: that part is often generic, "¿dónde se pide?"); RRF (seed-13 validation MRR
-  0.802 vs 0.846, AUROC 0.80); the question field pooled as the mean of an entry's best 2–5
-  texts instead of the best one (hit@1 0.947–0.949 vs 0.949).
-- Rejected on validation, a reranker of the two best entries (which hold the gold for 99.1 %
-  of the validation questions): the embedded Gemma 3 270M with its own LoRA, 250 steps of 8
-  on 2,000 paraphrases (mined rivals: each paraphrase searched in an index without its fold),
-  9–13 min of this CPU. Asked "which entry answers it, A or B?" it stayed at chance (51.8 %
-  between the two); trained on query likelihood (a paraphrase given its entry) it picks the
-  gold of the two 81.4 % of the time alone, but added to the fused score it gains 0.003
-  hit@1 (test: none), as it shares the retriever's misses (it prefers the gold in 8 of the 25
-  validation questions whose gold is second).
-- USE is the default (*): e5 costs 5 times the CPU per query, over the 20 ms budget for
-  retrieval + guard, for no gain in validation MRR, so ``embedder="e5"`` is for offline work.
-- Building the index trains the classifier: ~15 s of CPU for the full KB; ``save``/``load``
-  keep it (float32 coefficients).
+Why these scorers and weights, with the figures (``benchmarks/bench_retrieval.py``, decided on
+validation): ``docs/retrieval.md``. In short, the paraphrases moved retrieval most (held-out
+test hit@1 0.735 → 0.932 with 50 an entry); validation has plateaued there (every non-test
+variant asked once: hit@1 0.968, MRR 0.981) and the remaining misses are sibling entries.
+USE is the default embedder: e5 costs 5 times the CPU per query, over the 20 ms budget for
+retrieval + guard, for no gain on validation. Building the index trains the classifier (~15 s
+of CPU for the full KB); ``save``/``load`` keep it.
 """
 
 from __future__ import annotations
@@ -121,7 +59,7 @@ FORMAT_VERSION = 2
 K1, B = 1.2, 0.75
 CHAR_NGRAMS = (3, 5)
 FIELDS = ("question", "answer", "topic")  # the texts indexed for each entry
-# chosen on the validation splits (see the module docstring)
+# chosen on the validation splits (docs/retrieval.md)
 DEFAULT_FIELDS = (0.7, 0.3, 0.0)
 # (bm25, char, semantic, classifier)
 DEFAULT_WEIGHTS: dict[str | None, tuple[float, float, float, float]] = {
