@@ -375,6 +375,34 @@ def test_load_refuses_another_embedder_or_a_bad_directory(kb_lexical, tmp_path):
         Retriever.load(old)
 
 
+def test_cached_index_is_built_once_then_loaded_and_rebuilt_when_broken(monkeypatch, tmp_path):
+    monkeypatch.setenv("GEMMA_CSE_CACHE", str(tmp_path))
+    queries = ("perdí mi credencial", "horas de servicio social", "receta de pozole")
+    built = Retriever.cached(SMALL, None)
+    [directory] = (tmp_path / "index").iterdir()
+    written = (directory / "index.json").stat().st_mtime_ns
+    loaded = Retriever.cached(SMALL, None)
+    assert (directory / "index.json").stat().st_mtime_ns == written  # read, not rebuilt
+    assert [loaded.search(q, 3) for q in queries] == [built.search(q, 3) for q in queries]
+
+    Retriever.cached(SMALL[:4], None)  # other entries: another index beside it
+    assert len(list((tmp_path / "index").iterdir())) == 2
+
+    (directory / "char_matrix.npz").unlink()  # a broken index is rebuilt, not an error
+    rebuilt = Retriever.cached(SMALL, None)
+    assert [rebuilt.search(q, 3) for q in queries] == [built.search(q, 3) for q in queries]
+    assert (directory / "char_matrix.npz").is_file()
+    assert not list((tmp_path / "index").glob("*.partial"))
+
+
+def test_cached_index_still_answers_when_the_cache_is_not_writable(monkeypatch, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    monkeypatch.setenv("GEMMA_CSE_CACHE", str(blocker))
+    retriever = Retriever.cached(SMALL, None)
+    assert retriever.search("perdí mi credencial", 1)[0].entry.id == "credencial"
+
+
 # ---------------------------------------------------------------- quality and cost floors
 
 

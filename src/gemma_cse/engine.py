@@ -192,16 +192,16 @@ class Engine:
         from gemma_cse.models import EMBEDDED
 
         mode = Mode(mode)
-        entries = load_entries(kb) if kb else load_entries()
-        retriever = Retriever(entries)
-        guard = Guard.calibrated(retriever, entries)
-        model = model or EMBEDDED
         uses_adapter = mode in (Mode.rag_lora, Mode.closed_book)
         adapter = Path(adapter) if adapter and uses_adapter else None
-        if adapter and not (adapter / "adapter.lora.h5").is_file():
+        if adapter and not (adapter / "adapter.lora.h5").is_file():  # before the slow parts
             from gemma_cse.cli import UserError
 
             raise UserError(f"{adapter}: no adapter.lora.h5 (train a run or pass --adapter none)")
+        entries = load_entries(kb) if kb else load_entries()
+        retriever = Retriever.cached(entries)
+        guard = Guard.calibrated(retriever, entries)
+        model = model or EMBEDDED
         generator = (
             None
             if mode == Mode.retrieval

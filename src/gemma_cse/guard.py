@@ -44,7 +44,6 @@ import contextlib
 import difflib
 import hashlib
 import json
-import os
 import re
 import sys
 import unicodedata
@@ -63,6 +62,7 @@ from gemma_cse.data import (
     load_out_of_scope,
     make_splits,
 )
+from gemma_cse.models import cache_dir
 
 LABELS = ("answer", "out_of_scope", "refuse", "chitchat", "self_harm")
 THRESHOLDS_FILE = "guard.json"
@@ -1156,8 +1156,7 @@ def _cache_dir(retriever, entries: Sequence[Entry]) -> Path:
         key.update(Path(source).read_bytes())
     if OUT_OF_SCOPE_FILE.is_file():
         key.update(OUT_OF_SCOPE_FILE.read_bytes())
-    root = Path(os.environ.get("GEMMA_CSE_CACHE", "~/.cache/gemma_cse")).expanduser()
-    return root / "guard" / key.hexdigest()[:16]
+    return cache_dir() / "guard" / key.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- replies

@@ -31,10 +31,13 @@ of CPU for the full KB); ``save``/``load`` keep it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 import unicodedata
 from collections import OrderedDict
@@ -54,6 +57,7 @@ from threadpoolctl import threadpool_limits
 
 from gemma_cse.cli import UserError
 from gemma_cse.data import TOPICS_FILE, Entry, Splits
+from gemma_cse.models import cache_dir
 
 FORMAT_VERSION = 2
 K1, B = 1.2, 0.75
@@ -601,6 +605,29 @@ class Retriever:
             json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8"
         )
         return directory
+
+    @classmethod
+    def cached(cls, entries: Sequence[Entry], embedder: str | None = DEFAULT_EMBEDDER) -> Retriever:
+        """The default index over ``entries``: loaded from ``$GEMMA_CSE_CACHE/index/<key>`` when
+        built before, else built and saved there, so that a second start takes seconds instead
+        of a minute. The key hashes the entries, the topic descriptions, the embedder and this
+        module; an unreadable cached index is rebuilt, an unwritable cache only costs time."""
+        key = hashlib.sha256(json.dumps([embedder, FORMAT_VERSION]).encode())
+        described = [[dataclasses.asdict(e) for e in entries], topic_descriptions()]
+        key.update(json.dumps(described, ensure_ascii=False, sort_keys=True).encode())
+        key.update(Path(__file__).read_bytes())
+        directory = cache_dir() / "index" / key.hexdigest()[:16]
+        if (directory / "index.json").is_file():
+            with contextlib.suppress(UserError, OSError, ValueError, KeyError):
+                return cls.load(directory, embedder)
+            shutil.rmtree(directory, ignore_errors=True)
+        retriever = cls(entries, embedder)
+        partial = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
+        try:  # written aside, then renamed: an interrupted save leaves no half index behind
+            os.replace(retriever.save(partial), directory)
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+        return retriever
 
     @classmethod
     def load(
