@@ -626,6 +626,8 @@ class Retriever:
         try:  # written aside, then renamed: an interrupted save leaves no half index behind
             os.replace(retriever.save(partial), directory)
         except OSError:
+            pass  # an unwritable cache only costs the next start its build time
+        finally:  # also on Ctrl-C during the save
             shutil.rmtree(partial, ignore_errors=True)
         return retriever
 
