@@ -5,6 +5,7 @@ a small knowledge base (no LLM), the resumable cache and an end-to-end report.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from gemma_cse.evaluate import (
     rouge_l,
     status_prf,
     system_metrics,
+    wilson_interval,
     without_questions,
     write_kb,
     write_report,
@@ -111,6 +113,17 @@ def test_false_refusal_rate_counts_fallback_as_answered():
     assert false_refusal_rate(["answered", "fallback", "out_of_scope", "answered"]) == 0.25
     assert false_refusal_rate(["refused", "chitchat"]) == 1.0
     assert false_refusal_rate([]) == 0.0
+
+
+def test_wilson_interval_matches_published_values():
+    # Wilson (1927) 95% intervals as tabulated by Newcombe (1998), Stat. Med. 17:857, table I
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    low, high = wilson_interval(124, 132)
+    assert low < 124 / 132 < high < 0.97  # asymmetric: closer to the bound it leans on
+    assert wilson_interval(0, 0) is None
 
 
 def test_percentiles():
@@ -260,7 +273,16 @@ def test_system_metrics_on_hand_made_records():
     assert m["per_category"]["oos:general_knowledge"] == {"n": 1, "accuracy": 1.0}
     goals = m["goals"]
     assert goals["right_topic"]["pass"] is False
-    assert goals["false_refusal_rate"] == {"value": 0.25, "target": 0.03, "op": "<=", "pass": False}
+    refusals = goals["false_refusal_rate"]
+    assert {k: refusals[k] for k in ("value", "target", "op", "pass", "n")} == {
+        "value": 0.25,
+        "target": 0.03,
+        "op": "<=",
+        "pass": False,
+        "n": 4,
+    }
+    assert refusals["ci95"] == pytest.approx(wilson_interval(1, 4))
+    assert goals["faithfulness"]["n"] == 4 and goals["oos_f1"]["ci95"] is None
 
 
 def _write_run(run_dir: Path) -> Path:
@@ -325,8 +347,9 @@ def test_write_report_on_hand_made_records(tmp_path):
         "## Errors",
     ):
         assert heading in report
-    assert "| right source topic | >= 95.0% | 50.0% ❌ |" in report
-    assert "| false refusals | <= 3.0% | 25.0% ❌ |" in report
+    low, high = (f"{100 * x:.1f}%" for x in wilson_interval(2, 4))
+    assert f"| right source topic | >= 95.0% | 50.0% ❌ ({low}–{high}) |" in report
+    assert "| false refusals | <= 3.0% | 25.0% ❌ (4.6%–69.9%) |" in report
     assert "![training curves](training_curves.png)" in report
 
 
@@ -548,7 +571,10 @@ def test_cli_retrieval_mode_writes_and_resumes(small_kb, tmp_path, capsys):
         "--no-progress",
     ]
     assert main(args) == 0
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed
+    right = re.search(r"right topic ([\d.]+)% \(95% CI ([\d.]+)%–([\d.]+)%\)", printed)
+    assert right and float(right[2]) <= float(right[1]) <= float(right[3])
     cache = tmp_path / "rep" / "cache" / "retrieval.jsonl"
     assert len(cache.read_text().splitlines()) == 4
     assert main(args) == 0

@@ -203,6 +203,17 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval (95% by default) of a share of ``successes`` in ``n`` trials:
+    how far a goal can sit from the measured share and still be within sampling noise."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 # ---------------------------------------------------------------- evaluation items
 
 
@@ -438,10 +449,12 @@ def score_record(record: dict) -> dict:
     return scores
 
 
-def _goal(value: float | None, name: str) -> dict:
+def _goal(value: float | None, name: str, n: int | None) -> dict:
+    """One goal's verdict; ``n``: the questions a share is over (None: not a share, as F1)."""
     op, target = GOALS[name]
     passed = None if value is None else (value >= target if op == ">=" else value <= target)
-    return {"value": value, "target": target, "op": op, "pass": passed}
+    interval = None if value is None or n is None else wilson_interval(round(value * n), n)
+    return {"value": value, "target": target, "op": op, "pass": passed, "n": n, "ci95": interval}
 
 
 def system_metrics(
@@ -516,7 +529,13 @@ def system_metrics(
         },
     }
     metrics["oos_f1"] = metrics["oos_detection"]["f1"] if metrics["oos_detection"] else None
-    metrics["goals"] = {name: _goal(metrics[name], name) for name in GOALS}
+    shares_of = {  # the questions each goal's share is over
+        "right_topic": len(ins),
+        "false_refusal_rate": len(ins),
+        "faithfulness": len(answered),
+        "clean_stop_rate": len(generated),
+    }
+    metrics["goals"] = {name: _goal(metrics[name], name, shares_of.get(name)) for name in GOALS}
     return metrics
 
 
@@ -805,7 +824,9 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
         for label in labels:
             g = per_system[label]["goals"][goal]
             mark = {True: "✅", False: "❌", None: ""}[g["pass"]]
-            row.append(f"{_fmt(g['value'])} {mark}".strip())
+            interval = g.get("ci95")
+            spread = f" ({_fmt(interval[0])}–{_fmt(interval[1])})" if interval else ""
+            row.append(f"{_fmt(g['value'])} {mark}{spread}".strip())
         rows.append(row)
     out += [md_table(["goal", "target", *labels], rows), ""]
     out += [
@@ -814,7 +835,9 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
         "share of returned answers (answered or fallback) whose checkable facts (URLs, e-mails, "
         "numbers, acronyms, office names) appear in their sources; the engine replaces an "
         "unfaithful generation by the best source (fallback), see *generated faithful* below. "
-        "Clean stop: generated answers that ended on their own end-of-turn token.",
+        "Clean stop: generated answers that ended on their own end-of-turn token. In brackets: "
+        "the 95% Wilson interval of a share over its questions (in-scope, returned answers, "
+        "generated answers); a target inside it is within sampling noise of the measured share.",
         "",
         "## Comparison across modes",
         "",
@@ -1290,8 +1313,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, m in metrics["systems"].items():
         passed = sum(g["pass"] is True for g in m["goals"].values())
         known = sum(g["pass"] is not None for g in m["goals"].values())
+        interval = m["goals"]["right_topic"]["ci95"]
+        spread = f" (95% CI {_fmt(interval[0])}–{_fmt(interval[1])})" if interval else ""
         print(
-            f"{label}: right topic {_fmt(m['right_topic'])}, OOS F1 {_fmt(m['oos_f1'], 'f3')}, "
+            f"{label}: right topic {_fmt(m['right_topic'])}{spread}, "
+            f"OOS F1 {_fmt(m['oos_f1'], 'f3')}, "
             f"false refusals {_fmt(m['false_refusal_rate'])}, faithful {_fmt(m['faithfulness'])}, "
             f"goals met {passed}/{known}"
         )
