@@ -116,11 +116,13 @@ def test_false_refusal_rate_counts_fallback_as_answered():
 
 
 def test_wilson_interval_matches_published_values():
-    # Wilson (1927) 95% intervals as tabulated by Newcombe (1998), Stat. Med. 17:857, table I
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # the score-method intervals of Newcombe's (1998, Stat. Med. 17:857) four worked examples
     assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson_interval(1, 29) == pytest.approx((0.0061, 0.1718), abs=1e-4)
+    low, high = wilson_interval(10, 10)
+    assert high == 1.0 and low == pytest.approx(1 - wilson_interval(0, 10)[1])  # symmetric
     low, high = wilson_interval(124, 132)
     assert low < 124 / 132 < high < 0.97  # asymmetric: closer to the bound it leans on
     assert wilson_interval(0, 0) is None
