@@ -554,6 +554,11 @@ def _fmt(value, kind: str = "pct") -> str:
     return f"{value:.2f}" if kind == "f2" else f"{value:.3f}"
 
 
+def _fmt_interval(goal: dict) -> str:
+    low, high = goal["ci95"]
+    return f"{_fmt(low)}–{_fmt(high)}"
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -824,8 +829,7 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
         for label in labels:
             g = per_system[label]["goals"][goal]
             mark = {True: "✅", False: "❌", None: ""}[g["pass"]]
-            interval = g.get("ci95")
-            spread = f" ({_fmt(interval[0])}–{_fmt(interval[1])})" if interval else ""
+            spread = f" ({_fmt_interval(g)})" if g["ci95"] else ""
             row.append(f"{_fmt(g['value'])} {mark}{spread}".strip())
         rows.append(row)
     out += [md_table(["goal", "target", *labels], rows), ""]
@@ -1313,8 +1317,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, m in metrics["systems"].items():
         passed = sum(g["pass"] is True for g in m["goals"].values())
         known = sum(g["pass"] is not None for g in m["goals"].values())
-        interval = m["goals"]["right_topic"]["ci95"]
-        spread = f" (95% CI {_fmt(interval[0])}–{_fmt(interval[1])})" if interval else ""
+        right = m["goals"]["right_topic"]
+        spread = f" (95% CI {_fmt_interval(right)})" if right["ci95"] else ""
         print(
             f"{label}: right topic {_fmt(m['right_topic'])}{spread}, "
             f"OOS F1 {_fmt(m['oos_f1'], 'f3')}, "
