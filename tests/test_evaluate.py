@@ -429,6 +429,20 @@ def test_cli_help_and_bad_mode(capsys):
     assert "unknown mode(s) oracle" in capsys.readouterr().err
 
 
+def test_cli_bad_rows_in_data_are_listed_with_no_option_it_lacks(tmp_path, capsys):
+    from gemma_cse.cli import run
+
+    bad = tmp_path / "mine.csv"
+    bad.write_text("question,answer\n¿Dónde pago?,En la Caja.\n¿Y la constancia?,\n", "utf-8")
+    assert run(main, ["--data", str(bad), "--modes", "retrieval", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 bad row(s)") and f"{bad}:3: empty cell: answer" in err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+    assert set(re.findall(r"--[a-z-]+", err)) <= options, err
+
+
 # --- with the real retrieval-mode engine ---------------------------------------------------
 
 

@@ -82,7 +82,7 @@ class DataError(UserError):
     def __init__(self, problems: list[Problem]):
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{len(problems)} bad row(s); fix them or pass --skip-bad-rows:\n{lines}")
+        super().__init__(f"{len(problems)} bad row(s); fix them:\n{lines}")
 
 
 def known_topics() -> dict[str, str]:
