@@ -443,6 +443,18 @@ def test_cli_bad_rows_in_data_are_listed_with_no_option_it_lacks(tmp_path, capsy
     assert set(re.findall(r"--[a-z-]+", err)) <= options, err
 
 
+def test_cli_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    from gemma_cse.cli import run
+
+    taken = tmp_path / "report.md"
+    taken.write_text("mine\n", encoding="utf-8")
+    assert run(main, ["--modes", "retrieval", "--limit", "1", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {taken}: exists and is not a folder (--out names the report folder)\n"
+    )
+    assert taken.read_text(encoding="utf-8") == "mine\n"
+
+
 # --- with the real retrieval-mode engine ---------------------------------------------------
 
 

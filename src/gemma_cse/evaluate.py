@@ -1272,6 +1272,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("no questions to evaluate")
     name = "+".join(a.name for a in adapters if a.name) or "base"
     out_dir = Path(args.out) if args.out else Path("reports") / name
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder (--out names the report folder)")
     print(
         f"evaluating {len(items)} questions ({sum(i.kind == IN_SCOPE for i in items)} in scope) "
         f"with {', '.join(s.label for s in systems)} → {out_dir}",
