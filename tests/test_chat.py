@@ -38,6 +38,12 @@ def test_one_question_as_text_ends_with_status_and_source(capsys):
     assert "Coordinación de Sistemas Escolares" in out
 
 
+def test_an_empty_question_is_answered_once_not_a_session(capsys):
+    assert run(main, ["--mode", "retrieval", "--question", "", "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["status"] == "chitchat" and reply["guard_reason"] == "empty"
+
+
 def test_interactive_follow_up_uses_the_history_until_nuevo(monkeypatch, capsys):
     session = f"{LOST_CARD}\n{FOLLOW_UP}\n\n/nuevo\n{FOLLOW_UP}\n/salir\nnever asked\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(session))
@@ -64,7 +70,16 @@ def test_missing_adapter_is_one_clear_error_before_any_slow_work(monkeypatch, tm
     assert not (tmp_path / "cache").exists()  # no index was built, no guard calibrated
 
 
-@pytest.mark.parametrize("argv", [["--mode", "nonsense"], ["--max-new-tokens", "many"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--mode", "nonsense"],
+        ["--max-new-tokens", "many"],
+        ["--max-new-tokens", "0"],
+        ["--temperature", "-0.5"],
+        ["--json"],  # JSON is for one question
+    ],
+)
 def test_bad_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -34,21 +34,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", action="store_true", help="with --question: print the reply as JSON"
     )
-    parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.rag_lora.value)
+    parser.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=Mode.rag_lora.value,
+        help="how answers are made (default: %(default)s; retrieval: no LLM, fastest)",
+    )
     parser.add_argument("--model", help="model spec (default: embedded:gemma3-270m)")
     parser.add_argument(
         "--adapter",
         default=str(DEFAULT_ADAPTER),
         help="run directory with adapter.lora.h5 and config.yaml, or 'none' (default: %(default)s)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=DecodingConfig.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=DecodingConfig.temperature)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DecodingConfig.max_new_tokens,
+        help="longest generated answer, in tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=DecodingConfig.temperature,
+        help="0 for greedy decoding, above 0 to sample (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.json and args.question is None:
+        parser.error("--json needs --question")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must not be negative")
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     adapter = None if args.adapter == "none" else args.adapter
     engine = Engine.build(args.mode, args.model, adapter, decoding=decoding)
 
-    if args.question:
+    if args.question is not None:
         reply = engine.answer(args.question)
         print(
             json.dumps(reply.to_dict(), ensure_ascii=False, indent=2)
