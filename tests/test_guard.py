@@ -14,7 +14,7 @@ import re
 import pytest
 
 from gemma_cse.cli import UserError
-from gemma_cse.data import load_entries, load_out_of_scope
+from gemma_cse.data import KB_DIR, load_entries, load_out_of_scope
 from gemma_cse.guard import (
     LABELS,
     THRESHOLDS_FILE,
@@ -341,3 +341,45 @@ def test_figures_on_the_test_half(protocol):
     assert kinds["self_harm"][0] >= kinds["self_harm"][1] - 1
     refused = [kinds[k] for k in ("harmful", "prompt_injection")]
     assert sum(ok for ok, _ in refused) >= 0.75 * sum(n for _, n in refused)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_cli_classify_decides_with_the_chatbots_own_calibrated_thresholds(tmp_path, capsys):
+    from gemma_cse.cli import run
+    from gemma_cse.guard import main
+
+    rows = [f.read_text("utf-8").splitlines()[0] for f in sorted(KB_DIR.glob("*.jsonl"))[:8]]
+    kb = tmp_path / "small.jsonl"
+    kb.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    small = load_entries(kb)
+    retriever = Retriever.cached(small, None)
+    expected = Guard.calibrated(retriever, small)  # what Engine.build uses
+    assert expected.thresholds != Guard().thresholds
+    for text in ("¿Cuándo es la reinscripción?", "¿Cuál es la capital de Australia?"):
+        assert run(main, ["classify", "--kb", str(kb), "--embedder", "none", "--text", text]) == 0
+        printed = json.loads(capsys.readouterr().out.splitlines()[0])
+        decision = expected.classify(text, retriever.search(text, 3))
+        assert {k: printed[k] for k in ("label", "reason")} == {
+            "label": decision.label,
+            "reason": decision.reason,
+        }
+        assert printed["thresholds"] == {
+            "out_of_scope": expected.thresholds.out_of_scope,
+            "with_cue": expected.thresholds.with_cue,
+        }
+
+
+def test_cli_classify_with_a_wrong_index_fails_before_building_anything(tmp_path, capsys):
+    from gemma_cse.cli import run
+    from gemma_cse.guard import main
+
+    missing = tmp_path / "no_index"
+    assert run(main, ["classify", "--index", str(missing), "--text", "hola"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {missing / THRESHOLDS_FILE}: no guard thresholds")
+    assert f"calibrate --index {missing}" in err
+    assert not missing.exists()
+    assert run(main, ["classify"]) == 2
+    assert capsys.readouterr().err == "error: classify needs --text\n"

@@ -1110,7 +1110,8 @@ class Guard:
         path = Path(directory) / THRESHOLDS_FILE
         if not path.is_file():
             raise UserError(
-                f"{path}: no guard thresholds (run python -m gemma_cse.guard calibrate)"
+                f"{path}: no guard thresholds "
+                f"(run python -m gemma_cse.guard calibrate --index {directory})"
             )
         try:
             return cls(Thresholds.from_dict(json.loads(path.read_text(encoding="utf-8"))))
@@ -1502,18 +1503,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--index",
         help="retrieval index directory: calibrate writes guard.json there (building the index "
-        "first if there is none); classify reads both",
+        "first if there is none); classify reads both (default: the chatbot's own cached index "
+        "and thresholds)",
     )
     parser.add_argument("--kb", default=None, help="knowledge base file or folder")
     parser.add_argument(
-        "--embedder", default="use", help="use | e5 | none, when no index is given (default: use)"
+        "--embedder",
+        choices=["use", "e5", "none"],
+        default="use",
+        help="sentence embedder when no index is given (default: %(default)s)",
     )
     parser.add_argument("--text", help="with classify: the message")
     args = parser.parse_args(argv)
+    if args.command == "classify" and not args.text:
+        raise UserError("classify needs --text")
     from gemma_cse.retrieval import Retriever
 
     embedder = None if args.embedder == "none" else args.embedder
     index = Path(args.index) if args.index else None
+    if args.command == "classify":
+        if index is not None:  # both read, nothing built: a wrong path fails at once
+            guard, retriever = Guard.load(index), Retriever.load(index)
+        else:  # what the chatbot decides with
+            entries = load_entries(args.kb) if args.kb else load_entries()
+            retriever = Retriever.cached(entries, embedder)
+            guard = Guard.calibrated(retriever, entries)
+        decision = guard.classify(args.text, retriever.search(args.text, 3))
+        used = {
+            "out_of_scope": guard.thresholds.out_of_scope,
+            "with_cue": guard.thresholds.with_cue,
+        }
+        print(json.dumps(asdict(decision) | {"thresholds": used}, ensure_ascii=False))
+        if decision.label != "answer":
+            print(reply_for(decision))
+        return 0
     entries = load_entries(args.kb) if args.kb else load_entries()
     if index is not None and (index / "index.json").is_file():
         retriever = Retriever.load(index)
@@ -1521,15 +1544,6 @@ def main(argv: list[str] | None = None) -> int:
         retriever = Retriever(entries, embedder=embedder)
         if index is not None:
             retriever.save(index)
-    if args.command == "classify":
-        if not args.text:
-            raise UserError("classify needs --text")
-        guard = Guard.load(index) if index else Guard()
-        decision = guard.classify(args.text, retriever.search(args.text, 3))
-        print(json.dumps(asdict(decision), ensure_ascii=False))
-        if decision.label != "answer":
-            print(reply_for(decision))
-        return 0
     report = calibration_protocol(entries, like(retriever))
     thresholds = report["thresholds"]
     print(f"thresholds: out_of_scope {thresholds.out_of_scope}, with_cue {thresholds.with_cue}")
