@@ -49,6 +49,8 @@ def test_gguf_export_refuses_other_families(tiny_presets, tmp_path):
 def test_export_cli_needs_a_trained_run(tmp_path, capsys):
     with pytest.raises(UserError, match="no merged preset"):
         main(["--run", str(tmp_path), "--format", "hf"])
+    with pytest.raises(UserError, match="no such run directory"):
+        main(["--run", str(tmp_path / "typo"), "--format", "gguf"])
 
 
 @pytest.mark.embedded
