@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gemma_cse.cli import UserError
 from gemma_cse.data import KB_DIR, load_entries
 from gemma_cse.evaluate import (
     IN_SCOPE,
@@ -383,6 +384,13 @@ def test_load_items_from_a_bare_csv_resolves_gold_entries(tmp_path):
     assert [(i.question, i.gold_id, i.gold_topic) for i in items] == [
         ("mi pregunta", entry.id, entry.topic)
     ]
+
+
+def test_load_items_refuses_questions_no_kb_entry_answers(tmp_path):
+    path = tmp_path / "eval.csv"
+    path.write_text('question,answer\n"mi pregunta","Una respuesta mía."\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"1 row\(s\) match no knowledge-base entry.*mi pregunta"):
+        load_items(path, out_of_scope=None)
 
 
 def test_read_cache_drops_a_line_cut_by_an_interruption(tmp_path):

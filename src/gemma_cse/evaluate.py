@@ -245,13 +245,19 @@ def in_scope_item(question: str, entry: Entry, item_id: str) -> Item:
     )
 
 
-def _gold_in_kb(entry: Entry, kb: Sequence[Entry]) -> Entry:
-    """The KB entry an evaluation file's entry stands for: same id, else the same answer."""
+def _golds_in_kb(entries: Sequence[Entry], kb: Sequence[Entry], data) -> list[Entry]:
+    """The KB entry each evaluation file's entry stands for: same id, else the same answer.
+    One that matches none could never be answered right, so it is an error, not a silent 0."""
     by_id = {e.id: e for e in kb}
-    if entry.id in by_id:
-        return by_id[entry.id]
     by_answer = {normalize(e.answer): e for e in kb}
-    return by_answer.get(normalize(entry.answer), entry)
+    golds = [by_id.get(e.id) or by_answer.get(normalize(e.answer)) for e in entries]
+    unmatched = [e for e, gold in zip(entries, golds, strict=True) if gold is None]
+    if unmatched:
+        raise UserError(
+            f"{data}: {len(unmatched)} row(s) match no knowledge-base entry by id or by "
+            f"answer, e.g. {unmatched[0].question!r}; give each row its KB entry's id or answer"
+        )
+    return golds
 
 
 def load_items(
@@ -274,9 +280,10 @@ def load_items(
         items = [in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#test") for ex in examples]
         source = f"held-out test split (seed {seed})"
     else:
+        asked = load_entries(data)
         items = [
-            in_scope_item(q, _gold_in_kb(e, entries), f"{e.id}#{i}")
-            for e in load_entries(data)
+            in_scope_item(q, gold, f"{e.id}#{i}")
+            for e, gold in zip(asked, _golds_in_kb(asked, entries, data), strict=True)
             for i, q in enumerate(e.questions)
         ]
         source = str(data)
