@@ -451,6 +451,19 @@ def test_cli_bad_rows_in_data_are_listed_with_no_option_it_lacks(tmp_path, capsy
     assert set(re.findall(r"--[a-z-]+", err)) <= options, err
 
 
+def test_cli_refuses_to_compare_runs_split_with_different_seeds(tmp_path, capsys):
+    from gemma_cse.cli import run
+
+    runs = []
+    for name, seed in (("a", 13), ("b", 7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(f"seed: {seed}\n", encoding="utf-8")
+        runs += ["--run", str(tmp_path / name)]
+    assert run(main, [*runs, "--modes", "retrieval", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs split with different seeds") and "seed 7" in err, err
+
+
 def test_cli_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     from gemma_cse.cli import run
 

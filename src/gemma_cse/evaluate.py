@@ -1167,12 +1167,19 @@ def _embedder(engine):
 
 
 def _seed_of(adapters: Sequence[Path]) -> int:
+    """The split seed of the runs (13 without any): runs split with different seeds trained on
+    each other's test questions, so they cannot be compared on one test set."""
     import yaml
 
-    for a in adapters:
-        if (a / "config.yaml").is_file():
-            return int((yaml.safe_load((a / "config.yaml").read_text()) or {}).get("seed", 13))
-    return 13
+    seeds = {
+        a: int((yaml.safe_load((a / "config.yaml").read_text()) or {}).get("seed", 13))
+        for a in adapters
+        if (a / "config.yaml").is_file()
+    }
+    if len(set(seeds.values())) > 1:
+        listed = ", ".join(f"{a} seed {seed}" for a, seed in seeds.items())
+        raise UserError(f"runs split with different seeds ({listed}); compare runs of one seed")
+    return next(iter(seeds.values()), 13)
 
 
 def main(argv: list[str] | None = None) -> int:
