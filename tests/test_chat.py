@@ -70,6 +70,15 @@ def test_missing_adapter_is_one_clear_error_before_any_slow_work(monkeypatch, tm
     assert not (tmp_path / "cache").exists()  # no index was built, no guard calibrated
 
 
+def test_rag_lora_without_an_adapter_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("GEMMA_CSE_CACHE", str(tmp_path / "cache"))
+    assert run(main, ["--adapter", "none", "--question", LOST_CARD]) == 2
+    assert capsys.readouterr().err == (
+        "error: mode rag_lora needs an adapter; for the base model use mode rag\n"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

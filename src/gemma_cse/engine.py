@@ -194,9 +194,11 @@ class Engine:
         mode = Mode(mode)
         uses_adapter = mode in (Mode.rag_lora, Mode.closed_book)
         adapter = Path(adapter) if adapter and uses_adapter else None
-        if adapter and not (adapter / "adapter.lora.h5").is_file():  # before the slow parts
-            from gemma_cse.cli import UserError
+        from gemma_cse.cli import UserError  # the checks come before the slow parts
 
+        if mode == Mode.rag_lora and adapter is None:
+            raise UserError("mode rag_lora needs an adapter; for the base model use mode rag")
+        if adapter and not (adapter / "adapter.lora.h5").is_file():
             raise UserError(f"{adapter}: no adapter.lora.h5 (train a run or pass --adapter none)")
         entries = load_entries(kb) if kb else load_entries()
         retriever = Retriever.cached(entries)
