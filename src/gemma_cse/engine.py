@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from gemma_cse.cli import UserError
 from gemma_cse.data import Entry, load_entries
 from gemma_cse.generation import (
     FEW_SHOT,
@@ -194,8 +195,7 @@ class Engine:
         mode = Mode(mode)
         uses_adapter = mode in (Mode.rag_lora, Mode.closed_book)
         adapter = Path(adapter) if adapter and uses_adapter else None
-        from gemma_cse.cli import UserError  # the checks come before the slow parts
-
+        # the checks come before the slow parts (index, guard calibration, model)
         if mode == Mode.rag_lora and adapter is None:
             raise UserError("mode rag_lora needs an adapter; for the base model use mode rag")
         if adapter and not (adapter / "adapter.lora.h5").is_file():

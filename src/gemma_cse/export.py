@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["hf", "gguf"], required=True)
     parser.add_argument("--out", help="output path (default: <run>/export-hf or <run>/model.gguf)")
     args = parser.parse_args(argv)
-    preset = Path(args.run) / "preset"
     if not Path(args.run).is_dir():
         raise UserError(f"{args.run}: no such run directory")
+    preset = Path(args.run) / "preset"
     if not (preset / "config.json").is_file():
         raise UserError(f"{args.run}: no merged preset (preset/config.json); train the run first")
     from gemma_cse.models import load_causal_lm

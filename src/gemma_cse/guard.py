@@ -1521,11 +1521,11 @@ def main(argv: list[str] | None = None) -> int:
 
     embedder = None if args.embedder == "none" else args.embedder
     index = Path(args.index) if args.index else None
+    entries = load_entries(args.kb) if args.kb else load_entries()
     if args.command == "classify":
         if index is not None:  # both read, nothing built: a wrong path fails at once
             guard, retriever = Guard.load(index), Retriever.load(index)
         else:  # what the chatbot decides with
-            entries = load_entries(args.kb) if args.kb else load_entries()
             retriever = Retriever.cached(entries, embedder)
             guard = Guard.calibrated(retriever, entries)
         decision = guard.classify(args.text, retriever.search(args.text, 3))
@@ -1537,7 +1537,6 @@ def main(argv: list[str] | None = None) -> int:
         if decision.label != "answer":
             print(reply_for(decision))
         return 0
-    entries = load_entries(args.kb) if args.kb else load_entries()
     if index is not None and (index / "index.json").is_file():
         retriever = Retriever.load(index)
     else:
