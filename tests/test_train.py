@@ -358,6 +358,18 @@ def test_run_directory(trained, kb):
     np.testing.assert_allclose(logits(fresh, token_ids), trained_logits, rtol=1e-5, atol=1e-6)
 
 
+def test_rerunning_a_finished_run_changes_nothing(trained, capsys):
+    from gemma_cse.train import train
+
+    config, info, _, _ = trained("gemma3")
+    files = sorted(p for p in config.run_dir.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    assert train(config) == json.loads(json.dumps(info))
+    assert f"{config.run_dir} already finished with this config" in capsys.readouterr().out
+    assert sorted(p for p in config.run_dir.rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == before[p] for p in files)
+
+
 def test_quantize_base_is_weight_only_and_keeps_the_embedding_float(tiny_presets):
     """QLoRA's base: every transformer kernel quantized, activations not, the (tied output)
     embedding left in float; logits move by rounding only, less for int8 than for int4."""

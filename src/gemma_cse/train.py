@@ -506,6 +506,16 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
     ckpt = run_dir / "checkpoints"
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
+    finished = run_dir / "run.json"
+    if finished.exists():  # the same command again after it finished: nothing to redo
+        info = json.loads(finished.read_text(encoding="utf-8"))
+        if info.get("config") == json.loads(json.dumps(config.to_dict())):
+            print(f"{run_dir} already finished with this config; --fresh trains it again")
+            if not return_model:
+                return info
+            from gemma_cse.models import load_causal_lm
+
+            return info, load_causal_lm(str(run_dir / "preset"))
     ckpt.mkdir(parents=True, exist_ok=True)
     start_epoch = 0
     if (ckpt / "state.npz").exists():  # the epoch saved with the weights, not a separate file
@@ -601,6 +611,7 @@ def train(config: Config, fresh: bool = False, return_model: bool = False):
         "train_tokens_per_second_wall": round(tokens / seconds, 1) if seconds else None,
         "final_metrics": final,
         "splits": splits.counts(),
+        "config": config.to_dict(),  # what it finished: the same command again does nothing
     }
     (run_dir / "run.json").write_text(
         json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8"
