@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gemma_cse.train",
         description="Fine-tune a KerasHub causal LM with LoRA/QLoRA on the CSE knowledge base. "
-        "Running the same command again resumes an interrupted run.",
+        "Running the same command again resumes an interrupted run and leaves a finished one "
+        "as it is.",
     )
     parser.add_argument(
         "--config",
