@@ -2,12 +2,13 @@
 
 The index holds only the ``train`` questions of each entry (``make_splits``), with the entry's
 answer and topic description; the queries are the one held-out variant per entry of
-``validation`` and ``test`` (132 each). Prints, per configuration: hit@1, hit@3 and MRR on both
-splits, topic@1 (test: right topic, any of its entries), AUROC of the top score for test
-questions vs ``out_of_scope.jsonl`` (all kinds, and near misses only: can a guard threshold
-it?), and p50/p95 milliseconds per ``search(k=3)`` on the test questions with a cold
-query-embedding cache (a new question each time), wall clock and CPU time (the CPU figure is
-what a query costs without other jobs competing for the cores).
+``validation`` and ``test`` (132 each), and the blind test (264,
+``data/cse/blind_test.jsonl``). Prints, per configuration: hit@1, hit@3 and MRR on each set,
+topic@1 (test: right topic, any of its entries), AUROC of the top score for test questions vs
+``out_of_scope.jsonl`` (all kinds, and near misses only: can a guard threshold it?), and
+p50/p95 milliseconds per ``search(k=3)`` on the test questions with a cold query-embedding
+cache (a new question each time), wall clock and CPU time (the CPU figure is what a query
+costs without other jobs competing for the cores).
 
 ``--every-variant``: the instrument that decides knowledge-base changes. Every variant of every
 entry outside the seed-13 test split is asked exactly once, of an index built without its fold
@@ -29,7 +30,7 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from gemma_cse.data import load_entries, load_out_of_scope, make_splits
+from gemma_cse.data import load_blind_test, load_entries, load_out_of_scope, make_splits
 from gemma_cse.retrieval import (
     DEFAULT_FIELDS,
     DEFAULT_WEIGHTS,
@@ -75,9 +76,8 @@ class Evaluation:
     def __init__(
         self,
         base: Retriever,
-        splits,
+        query_sets: dict[str, list],
         out_of_scope: list[str],
-        names=("validation", "test"),
         exclude=frozenset(),
     ):
         self.base = base
@@ -85,25 +85,26 @@ class Evaluation:
         self.queries = {
             name: [
                 (ex.question, self.index[ex.entry.id])
-                for ex in getattr(splits, name)
+                for ex in examples
                 if ex.question not in exclude
             ]
-            for name in names
+            for name, examples in query_sets.items()
         }
         texts = [q for qs in self.queries.values() for q, _ in qs] + out_of_scope
         self.pooled = {text: base.entry_scores(text)[1] for text in dict.fromkeys(texts)}
         self.out_of_scope = out_of_scope
 
     def score(self, retriever: Retriever, near_miss: list[str]) -> dict[str, float]:
-        """Ranking figures per split; AUROC of the top score, the last split's questions vs
-        the out-of-scope texts; topic@1 on test."""
+        """Ranking figures per query set; AUROC of the top score, the test questions (else the
+        first set's) vs the out-of-scope texts; topic@1 on test."""
         row = {}
         fused = {t: retriever.fuse(p) for t, p in self.pooled.items()}
+        first = next(iter(self.queries.values()))
         for split, queries in self.queries.items():
             ranks = [rank_of(fused[q], gold) for q, gold in queries]
             names = (f"{split}_hit1", f"{split}_hit3", f"{split}_mrr")
             row.update(zip(names, metrics(ranks), strict=True))
-        inside = [float(fused[q].max()) for q, _ in list(self.queries.values())[-1]]
+        inside = [float(fused[q].max()) for q, _ in self.queries.get("test", first)]
         for name, outside in (("auroc_oos", self.out_of_scope), ("auroc_near", near_miss)):
             if outside:
                 row[name] = auroc(inside, [float(fused[t].max()) for t in outside])
@@ -175,13 +176,19 @@ def main() -> None:
 
     splits = make_splits(load_entries())
     entries = train_entries(splits)
+    query_sets = {
+        "validation": splits.validation,
+        "test": splits.test,
+        "blind": load_blind_test(load_entries()),
+    }
     items = load_out_of_scope()
     out_of_scope = [o.text for o in items]
     near_miss = [o.text for o in items if o.kind == "near_miss"]
     timed = [ex.question for ex in splits.test][: args.latency_queries]
     print(
         f"index: {len(entries)} entries, {sum(len(e.questions) for e in entries)} train questions;"
-        f" queries: {len(splits.validation)} validation, {len(splits.test)} test;"
+        f" queries: {len(splits.validation)} validation, {len(splits.test)} test,"
+        f" {len(query_sets['blind'])} blind test;"
         f" out of scope: {len(out_of_scope)} ({len(near_miss)} near misses)"
     )
 
@@ -216,10 +223,11 @@ def main() -> None:
             (f"BM25+char+{name}+classifier RRF", name, (1, 1, 1, 1), "rrf", None),
         ]
 
-    evaluations = {key: Evaluation(base, splits, out_of_scope) for key, base in bases.items()}
+    evaluations = {key: Evaluation(base, query_sets, out_of_scope) for key, base in bases.items()}
     header = (
         f"{'configuration':38s} {'weights':>18s} | {'val h@1':>7s} {'h@3':>5s} {'MRR':>5s} | "
-        f"{'test h@1':>8s} {'h@3':>5s} {'MRR':>5s} {'topic@1':>7s} | {'AUROC oos':>9s} "
+        f"{'test h@1':>8s} {'h@3':>5s} {'MRR':>5s} {'topic@1':>7s} | "
+        f"{'blind h@1':>9s} {'h@3':>5s} {'MRR':>5s} | {'AUROC oos':>9s} "
         f"{'near':>5s} | {'p50 ms':>6s} {'p95 ms':>6s} {'cpu p95':>7s}"
     )
     print(f"\nfields (question/answer/topic) unless 'questions': {DEFAULT_FIELDS}")
@@ -233,7 +241,8 @@ def main() -> None:
             f"{label:38s} {shown:>18s} | {row['validation_hit1']:7.3f} "
             f"{row['validation_hit3']:5.3f} {row['validation_mrr']:5.3f} | "
             f"{row['test_hit1']:8.3f} {row['test_hit3']:5.3f} {row['test_mrr']:5.3f} "
-            f"{row['test_topic1']:7.3f} | {row['auroc_oos']:9.3f} {row['auroc_near']:5.3f} | "
+            f"{row['test_topic1']:7.3f} | {row['blind_hit1']:9.3f} {row['blind_hit3']:5.3f} "
+            f"{row['blind_mrr']:5.3f} | {row['auroc_oos']:9.3f} {row['auroc_near']:5.3f} | "
             f"{p50:6.1f} {p95:6.1f} {cpu95:7.1f}"
         )
 
@@ -256,7 +265,9 @@ def grid(args, embedders: list[str], out_of_scope: list[str]) -> None:
             splits = make_splits(entries, seed=seed)
             base = Retriever(train_entries(splits), embedder)
             evaluations.append(
-                Evaluation(base, splits, out_of_scope, names=["validation"], exclude=test_questions)
+                Evaluation(
+                    base, {"validation": splits.validation}, out_of_scope, exclude=test_questions
+                )
             )
         grid_for(name, evaluations)
 

@@ -23,6 +23,7 @@ from gemma_cse.data import (
     chat_family,
     encode_example,
     known_topics,
+    load_blind_test,
     load_entries,
     load_out_of_scope,
     make_splits,
@@ -388,6 +389,39 @@ def test_every_entry_has_paraphrases_unlike_its_questions(entries):
     for entry in entries:
         assert len(entry.paraphrases) >= 10, entry.id
         assert held.isdisjoint(normalize(p) for p in entry.paraphrases), entry.id
+
+
+def test_blind_test_asks_every_entry_twice_in_new_words(entries):
+    blind = load_blind_test(entries)  # the loader refuses a question the KB holds
+    assert Counter(ex.entry.id for ex in blind) == {e.id: 2 for e in entries}
+    splits = make_splits(entries)
+    held = {normalize(ex.question) for ex in splits.test + splits.validation}
+    assert held.isdisjoint(normalize(ex.question) for ex in blind)
+
+
+def test_blind_test_bad_rows(tmp_path, entries):
+    kb_question = entries[0].paraphrases[0]
+    path = write(
+        tmp_path / "blind.jsonl",
+        jsonl(
+            {"id": entries[0].id, "question": "oye y esto como va"},
+            {"id": "no_such_entry", "question": "otra pregunta"},
+            {"id": entries[1].id, "question": "  "},
+            {"id": entries[1].id, "question": kb_question.upper()},
+            {"id": entries[2].id, "question": "¡Oye, y esto cómo va!"},
+        )
+        + "[1]\n",
+    )
+    with pytest.raises(DataError) as err:
+        load_blind_test(entries, path)
+    assert [(p.line, p.reason) for p in err.value.problems] == [
+        (2, "no knowledge-base entry has id 'no_such_entry'"),
+        (3, "missing or empty: question"),
+        (4, f"repeats a question of knowledge-base entry {entries[0].id!r}"),
+        (5, "repeats the question at line 1"),
+        (6, "not a JSON object"),
+    ]
+    assert all(p.file == str(path) for p in err.value.problems)
 
 
 def defective_folder(folder: Path, topic: str) -> list[tuple[str, int, str]]:

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gemma_cse.cli import UserError
-from gemma_cse.data import KB_DIR, load_entries
+from gemma_cse.data import KB_DIR, load_blind_test, load_entries, make_splits
 from gemma_cse.evaluate import (
+    BLIND_TEST,
     IN_SCOPE,
     Engines,
     Item,
@@ -286,6 +288,23 @@ def test_system_metrics_on_hand_made_records():
     }
     assert refusals["ci95"] == pytest.approx(wilson_interval(1, 4))
     assert goals["faithfulness"]["n"] == 4 and goals["oos_f1"]["ci95"] is None
+    assert list(m["right_topic_by_set"]) == ["in scope"]  # items that name no set
+
+
+def test_right_topic_on_each_in_scope_set_alone():
+    records = _records()
+    for r in records[:2]:  # q1 right, q2 right (fallback)
+        r["item"]["subset"] = "a"
+    for r in records[2:4]:  # q3 wrong topic, q4 refused
+        r["item"]["subset"] = "b"
+    m = system_metrics(records)
+    by_set = m["right_topic_by_set"]
+    assert {k: (g["value"], g["n"], g["pass"]) for k, g in by_set.items()} == {
+        "a": (1.0, 2, True),
+        "b": (0.0, 2, False),
+    }
+    assert by_set["a"]["ci95"] == pytest.approx(wilson_interval(2, 2))
+    assert m["right_topic"] == pytest.approx(0.5)  # the goal itself is over both sets
 
 
 def _write_run(run_dir: Path) -> Path:
@@ -360,10 +379,19 @@ def test_write_report_on_hand_made_records(tmp_path):
 
 
 def test_load_items_default_sets():
-    items, sources = load_items(limit=5)
+    items, sources = load_items()
     in_scope = [i for i in items if i.kind == IN_SCOPE]
     oos = [i for i in items if i.kind != IN_SCOPE]
-    assert len(in_scope) == 5 and all(i.gold_answer and i.gold_topic for i in in_scope)
+    assert all(i.gold_answer and i.gold_topic for i in in_scope)
+    entries = load_entries()
+    split = make_splits(entries).test
+    blind = load_blind_test(entries)
+    # the test split, then the blind test: every question once, each tagged with its set
+    assert [i.question for i in in_scope] == [e.question for e in (*split, *blind)]
+    assert [i.gold_id for i in in_scope] == [e.entry.id for e in (*split, *blind)]
+    assert Counter(i.subset for i in in_scope) == {"test split (seed 13)": 132, BLIND_TEST: 264}
+    assert len({i.id for i in in_scope}) == len(in_scope)
+    assert len([i for i in load_items(limit=5)[0] if i.kind == IN_SCOPE]) == 5
     from gemma_cse.data import load_out_of_scope
     from gemma_cse.guard import split_out_of_scope
 
@@ -371,9 +399,11 @@ def test_load_items_default_sets():
     assert [i.id for i in oos] == [o.id for o in test]  # never the guard's calibration half
     assert not {i.id for i in oos} & {o.id for o in calibration}
     assert {i.expected for i in oos} <= {"out_of_scope", "refused", "chitchat", "self_harm"}
-    assert "test split" in sources["in_scope"]
-    entry = load_entries()[0]
-    assert entry.question not in {i.question for i in in_scope}  # canonical questions train
+    assert "test split" in sources["in_scope"] and "264 questions" in sources["in_scope"]
+    assert entries[0].question not in {i.question for i in in_scope}  # canonical ones train
+    # another knowledge base has its own test split and no blind test
+    other, _ = load_items(kb=KB_DIR / "06_credencial.jsonl", out_of_scope=None)
+    assert {i.subset for i in other} == {"test split (seed 13)"} and len(other) == 8
 
 
 def test_load_items_from_a_bare_csv_resolves_gold_entries(tmp_path):

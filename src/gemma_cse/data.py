@@ -28,6 +28,7 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "cse"
 KB_DIR = DATA_DIR / "kb"
 TOPICS_FILE = DATA_DIR / "topics.jsonl"
 OUT_OF_SCOPE_FILE = DATA_DIR / "out_of_scope.jsonl"
+BLIND_TEST_FILE = DATA_DIR / "blind_test.jsonl"
 MAX_QUESTION_CHARS = 600
 MAX_ANSWER_CHARS = 1500
 VARIANT_SEPARATOR = " | "  # how a CSV cell lists several question variants
@@ -325,6 +326,41 @@ def load_out_of_scope(path: str | Path = OUT_OF_SCOPE_FILE) -> list[OutOfScope]:
     if problems:
         raise DataError(problems)
     return items
+
+
+def load_blind_test(entries: list[Entry], path: str | Path = BLIND_TEST_FILE) -> list[Example]:
+    """Held-out questions written blind (by writers who saw only each entry's canonical
+    question and answer), each row ``id`` (its entry) and ``question``: a second test set,
+    never indexed nor trained on, that ``evaluate`` asks beside the test split."""
+    by_id = {e.id: e for e in entries}
+    kb_questions = {normalize(q): e.id for e in entries for q in e.indexed_questions}
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    examples = []
+    for line, row in read_rows(Path(path), problems):
+        entry_id = str(row.get("id") or "").strip()
+        question = str(row.get("question") or "").strip()
+        key = normalize(question)
+        reasons = [
+            f"missing or empty: {name}"
+            for name, value in (("id", entry_id), ("question", question))
+            if not value
+        ]
+        if entry_id and entry_id not in by_id:
+            reasons.append(f"no knowledge-base entry has id {entry_id!r}")
+        if len(question) > MAX_QUESTION_CHARS:
+            reasons.append(f"question too long ({len(question)} > {MAX_QUESTION_CHARS} characters)")
+        if question and key in kb_questions:
+            reasons.append(f"repeats a question of knowledge-base entry {kb_questions[key]!r}")
+        if question and key in seen:
+            reasons.append(f"repeats the question at line {seen[key]}")
+        seen.setdefault(key, line)
+        problems += [Problem(str(path), line, r) for r in reasons]
+        if not reasons:
+            examples.append(Example(question, by_id[entry_id]))
+    if problems:
+        raise DataError(problems)
+    return examples
 
 
 # ---------------------------------------------------------------- splits

@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from gemma_cse.cli import UserError, run
-from gemma_cse.data import Entry, load_entries, load_out_of_scope, make_splits, normalize
+from gemma_cse.data import (
+    BLIND_TEST_FILE,
+    Entry,
+    load_blind_test,
+    load_entries,
+    load_out_of_scope,
+    make_splits,
+    normalize,
+)
 
 MODES = ("retrieval", "rag", "rag_few_shot", "rag_lora", "closed_book")
 ADAPTER_MODES = ("rag_lora", "closed_book")  # the modes Engine.build gives the adapter to
@@ -37,6 +45,7 @@ ANSWERED = ("answered", "fallback")  # statuses that put KB text in front of the
 EXPECTED_STATUSES = ("answered", "out_of_scope", "refused", "chitchat", "self_harm")
 GOT_STATUSES = (*EXPECTED_STATUSES, "fallback")
 IN_SCOPE = "in_scope"
+BLIND_TEST = "blind test"
 RANKING_DEPTH = 10  # retrieval ranking kept per question (MRR is MRR@10)
 GOALS = {  # metric → (comparison, target), on the held-out test
     "right_topic": (">=", 0.95),
@@ -230,9 +239,10 @@ class Item:
     gold_topic: str = ""
     gold_category: str = ""
     gold_answer: str = ""
+    subset: str = ""  # which in-scope set it comes from (test split, blind test, a file)
 
 
-def in_scope_item(question: str, entry: Entry, item_id: str) -> Item:
+def in_scope_item(question: str, entry: Entry, item_id: str, subset: str) -> Item:
     return Item(
         item_id,
         question,
@@ -242,6 +252,7 @@ def in_scope_item(question: str, entry: Entry, item_id: str) -> Item:
         entry.topic,
         entry.category,
         entry.answer,
+        subset,
     )
 
 
@@ -269,20 +280,31 @@ def load_items(
 ) -> tuple[list[Item], dict]:
     """Evaluation items and a description of where they came from.
 
-    ``data``: None for the held-out test split of ``kb`` (one unseen variant per entry), or a
+    ``data``: None for the held-out test of ``kb``: its test split (one unseen variant per
+    entry) and, for the committed KB, the blind test (``data/cse/blind_test.jsonl``); or a
     CSV/JSONL file or folder whose every question is asked with its entry as gold.
     ``out_of_scope``: "default" for the test half of ``data/cse/out_of_scope.jsonl``, a path
     for all of that file, or None for none. ``limit``: the first N in-scope questions.
     """
     entries = load_entries(kb) if kb else load_entries()
     if data is None:
+        split = f"test split (seed {seed})"
         examples = make_splits(entries, seed=seed).test
-        items = [in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#test") for ex in examples]
-        source = f"held-out test split (seed {seed})"
+        items = [
+            in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#test", split) for ex in examples
+        ]
+        source = f"held-out {split}"
+        if kb is None:
+            blind = load_blind_test(entries)
+            items += [
+                in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#blind{i}", BLIND_TEST)
+                for i, ex in enumerate(blind)
+            ]
+            source += f" + {BLIND_TEST} ({len(blind)} questions, {BLIND_TEST_FILE.name})"
     else:
         asked = load_entries(data)
         items = [
-            in_scope_item(q, gold, f"{e.id}#{i}")
+            in_scope_item(q, gold, f"{e.id}#{i}", str(data))
             for e, gold in zip(asked, _golds_in_kb(asked, entries, data), strict=True)
             for i, q in enumerate(e.questions)
         ]
@@ -543,6 +565,12 @@ def system_metrics(
         "clean_stop_rate": len(generated),
     }
     metrics["goals"] = {name: _goal(metrics[name], name, shares_of.get(name)) for name in GOALS}
+    by_set: dict[str, list[bool]] = defaultdict(list)
+    for i in ins:
+        by_set[items[i].get("subset") or "in scope"].append(scored[i]["right_topic"])
+    metrics["right_topic_by_set"] = {  # the goal on each in-scope set alone
+        name: _goal(sum(v) / len(v), "right_topic", len(v)) for name, v in by_set.items()
+    }
     return metrics
 
 
@@ -564,6 +592,19 @@ def _fmt(value, kind: str = "pct") -> str:
 def _fmt_interval(goal: dict) -> str:
     low, high = goal["ci95"]
     return f"{_fmt(low)}–{_fmt(high)}"
+
+
+def _fmt_goal(goal: dict | None) -> str:
+    """A goal's cell: "93.9% ❌ (88.5%–96.9%)"."""
+    if goal is None:
+        return "n/a"
+    mark = {True: "✅", False: "❌", None: ""}[goal["pass"]]
+    spread = f" ({_fmt_interval(goal)})" if goal["ci95"] else ""
+    return f"{_fmt(goal['value'])} {mark}{spread}".strip()
+
+
+def _set_size(per_system: dict, name: str) -> int:
+    return max((m["right_topic_by_set"].get(name) or {}).get("n") or 0 for m in per_system.values())
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -696,6 +737,7 @@ def _errors(label: str, records: Sequence[dict], scored: Sequence[dict]) -> list
         expected = {"status": item["expected"], "kind": item["kind"]}
         if item["kind"] == IN_SCOPE:
             expected |= {
+                "set": item.get("subset", ""),
                 "entry_id": item["gold_id"],
                 "topic": item["gold_topic"],
                 "answer": item["gold_answer"],
@@ -833,13 +875,17 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
     rows = []
     for goal, (op, target) in GOALS.items():
         row = [GOAL_NAMES[goal], f"{op} {_fmt(target)}"]
-        for label in labels:
-            g = per_system[label]["goals"][goal]
-            mark = {True: "✅", False: "❌", None: ""}[g["pass"]]
-            spread = f" ({_fmt_interval(g)})" if g["ci95"] else ""
-            row.append(f"{_fmt(g['value'])} {mark}{spread}".strip())
+        row += [_fmt_goal(per_system[label]["goals"][goal]) for label in labels]
         rows.append(row)
     out += [md_table(["goal", "target", *labels], rows), ""]
+    sets = list(dict.fromkeys(k for m in per_system.values() for k in m["right_topic_by_set"]))
+    if len(sets) > 1:
+        rows = [
+            [f"right source topic, {name}", f"n = {_set_size(per_system, name)}"]
+            + [_fmt_goal(per_system[label]["right_topic_by_set"].get(name)) for label in labels]
+            for name in sets
+        ]
+        out += [md_table(["goal on each set alone", "", *labels], rows), ""]
     out += [
         "Out-of-scope F1: detecting that a message must not be answered from the knowledge base "
         "(any status but an answer), over in-scope and out-of-scope questions. Faithfulness: "
@@ -1228,7 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         metavar="PATH",
         help="in-scope questions: a CSV/JSONL file or folder in the knowledge-base format "
-        "(default: the held-out test split of the knowledge base)",
+        "(default: the held-out test: the knowledge base's test split and, with the committed "
+        f"knowledge base, the blind test {BLIND_TEST_FILE.name})",
     )
     parser.add_argument(
         "--out-of-scope",
@@ -1335,6 +1382,14 @@ def main(argv: list[str] | None = None) -> int:
         known = sum(g["pass"] is not None for g in m["goals"].values())
         right = m["goals"]["right_topic"]
         spread = f" (95% CI {_fmt_interval(right)})" if right["ci95"] else ""
+        if len(m["right_topic_by_set"]) > 1:
+            spread += (
+                " ["
+                + ", ".join(
+                    f"{name} {_fmt(g['value'])}" for name, g in m["right_topic_by_set"].items()
+                )
+                + "]"
+            )
         print(
             f"{label}: right topic {_fmt(m['right_topic'])}{spread}, "
             f"OOS F1 {_fmt(m['oos_f1'], 'f3')}, "
