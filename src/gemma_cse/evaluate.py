@@ -1,9 +1,10 @@
 """``python -m gemma_cse.evaluate``: the engine over evaluation sets → one report folder.
 
-Reads top to bottom: metrics (small pure functions) → evaluation items (held-out test split,
-out-of-scope test half, or any CSV/JSONL) → ``evaluate_mode`` (one engine over the items,
-one cached JSONL line per question, resumable) → ``score_record`` / ``system_metrics`` →
-``write_report`` (report.md, metrics.json, errors.jsonl, PNGs) → command line.
+Reads top to bottom: metrics (small pure functions) → evaluation items (held-out test split
+and blind test, out-of-scope test half, or any CSV/JSONL) → ``evaluate_mode`` (one engine over
+the items, one cached JSONL line per question, resumable) → ``score_record`` /
+``system_metrics`` → ``write_report`` (report.md, metrics.json, errors.jsonl, PNGs) → command
+line.
 
 A *system* is one answering mode with one model and adapter (``rag_lora@run_a``); several
 systems in one report give the comparison across modes and across runs. Statuses are scored
