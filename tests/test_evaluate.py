@@ -389,7 +389,7 @@ def test_load_items_default_sets():
     # the test split, then the blind test: every question once, each tagged with its set
     assert [i.question for i in in_scope] == [e.question for e in (*split, *blind)]
     assert [i.gold_id for i in in_scope] == [e.entry.id for e in (*split, *blind)]
-    assert Counter(i.subset for i in in_scope) == {"test split (seed 13)": 132, BLIND_TEST: 264}
+    assert Counter(i.subset for i in in_scope) == {"test split (seed 13)": 132, BLIND_TEST: 528}
     assert len({i.id for i in in_scope}) == len(in_scope)
     assert len([i for i in load_items(limit=5)[0] if i.kind == IN_SCOPE]) == 5
     from gemma_cse.data import load_out_of_scope
@@ -399,7 +399,7 @@ def test_load_items_default_sets():
     assert [i.id for i in oos] == [o.id for o in test]  # never the guard's calibration half
     assert not {i.id for i in oos} & {o.id for o in calibration}
     assert {i.expected for i in oos} <= {"out_of_scope", "refused", "chitchat", "self_harm"}
-    assert "test split" in sources["in_scope"] and "264 questions" in sources["in_scope"]
+    assert "test split" in sources["in_scope"] and "528 questions" in sources["in_scope"]
     assert entries[0].question not in {i.question for i in in_scope}  # canonical ones train
     # another knowledge base has its own test split and no blind test
     other, _ = load_items(kb=KB_DIR / "06_credencial.jsonl", out_of_scope=None)
