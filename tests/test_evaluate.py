@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 
 from gemma_cse.cli import UserError
-from gemma_cse.data import KB_DIR, load_blind_test, load_entries, make_splits
+from gemma_cse.data import (
+    BLIND_OUT_OF_SCOPE_FILE,
+    KB_DIR,
+    load_blind_test,
+    load_entries,
+    make_splits,
+)
 from gemma_cse.evaluate import (
     BLIND_TEST,
     IN_SCOPE,
+    TEST_SPLIT,
     Engines,
     Item,
     chrf,
@@ -288,23 +295,36 @@ def test_system_metrics_on_hand_made_records():
     }
     assert refusals["ci95"] == pytest.approx(wilson_interval(1, 4))
     assert goals["faithfulness"]["n"] == 4 and goals["oos_f1"]["ci95"] is None
-    assert list(m["right_topic_by_set"]) == ["in scope"]  # items that name no set
-
-
-def test_right_topic_on_each_in_scope_set_alone():
-    records = _records()
-    for r in records[:2]:  # q1 right, q2 right (fallback)
-        r["item"]["subset"] = "a"
-    for r in records[2:4]:  # q3 wrong topic, q4 refused
-        r["item"]["subset"] = "b"
-    m = system_metrics(records)
-    by_set = m["right_topic_by_set"]
-    assert {k: (g["value"], g["n"], g["pass"]) for k, g in by_set.items()} == {
-        "a": (1.0, 2, True),
-        "b": (0.0, 2, False),
+    assert list(m["by_set"]) == [""]  # items that name no set are one set
+    alone = m["by_set"][""]["goals"]
+    assert {name: alone[name]["value"] for name in alone} == {
+        name: m[name] for name in ("right_topic", "oos_f1", "false_refusal_rate")
     }
-    assert by_set["a"]["ci95"] == pytest.approx(wilson_interval(2, 2))
-    assert m["right_topic"] == pytest.approx(0.5)  # the goal itself is over both sets
+
+
+def test_goals_on_each_set_alone():
+    records = _records()
+    # set a: q1 right, q2 right (fallback), o1 declined; set b: q3 wrong topic, q4 refused,
+    # o2 declined, o3 answered
+    for i, r in enumerate(records):
+        r["item"]["subset"] = "a" if i in (0, 1, 4) else "b"
+    m = system_metrics(records)
+    a, b = m["by_set"]["a"], m["by_set"]["b"]
+    sizes = [(s["n_in_scope"], s["n_out_of_scope"]) for s in (a, b)]
+    assert sizes == [(2, 1), (2, 2)]
+    values = {n: {k: g["value"] for k, g in s["goals"].items()} for n, s in m["by_set"].items()}
+    # a: declined expected {o1}, got {o1} → F1 1; b: expected {o2, o3}, got {q4, o2} → tp 1,
+    # fp 1, fn 1 → F1 0.5
+    assert values == {
+        "a": {"right_topic": 1.0, "oos_f1": 1.0, "false_refusal_rate": 0.0},
+        "b": {"right_topic": 0.0, "oos_f1": 0.5, "false_refusal_rate": 0.5},
+    }
+    assert a["goals"]["right_topic"]["ci95"] == pytest.approx(wilson_interval(2, 2))
+    assert b["goals"]["oos_f1"]["pass"] is False and b["goals"]["oos_f1"]["ci95"] is None
+    assert m["right_topic"] == pytest.approx(0.5)  # the goals themselves are over both sets
+    # a set of out-of-scope messages alone has no in-scope goals
+    only = system_metrics(records[4:])["by_set"]
+    assert [s["goals"]["right_topic"]["value"] for s in only.values()] == [None, None]
 
 
 def _write_run(run_dir: Path) -> Path:
@@ -389,21 +409,25 @@ def test_load_items_default_sets():
     # the test split, then the blind test: every question once, each tagged with its set
     assert [i.question for i in in_scope] == [e.question for e in (*split, *blind)]
     assert [i.gold_id for i in in_scope] == [e.entry.id for e in (*split, *blind)]
-    assert Counter(i.subset for i in in_scope) == {"test split (seed 13)": 132, BLIND_TEST: 528}
+    assert Counter(i.subset for i in in_scope) == {TEST_SPLIT: 132, BLIND_TEST: 528}
     assert len({i.id for i in in_scope}) == len(in_scope)
     assert len([i for i in load_items(limit=5)[0] if i.kind == IN_SCOPE]) == 5
     from gemma_cse.data import load_out_of_scope
     from gemma_cse.guard import split_out_of_scope
 
     calibration, test = split_out_of_scope(load_out_of_scope())
-    assert [i.id for i in oos] == [o.id for o in test]  # never the guard's calibration half
-    assert not {i.id for i in oos} & {o.id for o in calibration}
+    blind_calibration, blind_oos = split_out_of_scope(load_out_of_scope(BLIND_OUT_OF_SCOPE_FILE))
+    # the test halves of both files: never the guard's calibration halves
+    assert [i.id for i in oos] == [o.id for o in (*test, *blind_oos)]
+    assert not {i.id for i in oos} & {o.id for o in (*calibration, *blind_calibration)}
     assert {i.expected for i in oos} <= {"out_of_scope", "refused", "chitchat", "self_harm"}
+    assert Counter(i.subset for i in oos) == {TEST_SPLIT: len(test), BLIND_TEST: len(blind_oos)}
     assert "test split" in sources["in_scope"] and "528 questions" in sources["in_scope"]
+    assert f"{len(blind_oos)} messages" in sources["out_of_scope"]
     assert entries[0].question not in {i.question for i in in_scope}  # canonical ones train
     # another knowledge base has its own test split and no blind test
-    other, _ = load_items(kb=KB_DIR / "06_credencial.jsonl", out_of_scope=None)
-    assert {i.subset for i in other} == {"test split (seed 13)"} and len(other) == 8
+    other, _ = load_items(kb=KB_DIR / "06_credencial.jsonl")
+    assert Counter(i.subset for i in other) == {TEST_SPLIT: 8 + len(test)}
 
 
 def test_load_items_from_a_bare_csv_resolves_gold_entries(tmp_path):

@@ -29,6 +29,7 @@ KB_DIR = DATA_DIR / "kb"
 TOPICS_FILE = DATA_DIR / "topics.jsonl"
 OUT_OF_SCOPE_FILE = DATA_DIR / "out_of_scope.jsonl"
 BLIND_TEST_FILE = DATA_DIR / "blind_test.jsonl"
+BLIND_OUT_OF_SCOPE_FILE = DATA_DIR / "blind_out_of_scope.jsonl"
 MAX_QUESTION_CHARS = 600
 MAX_ANSWER_CHARS = 1500
 VARIANT_SEPARATOR = " | "  # how a CSV cell lists several question variants

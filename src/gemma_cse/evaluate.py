@@ -30,8 +30,10 @@ import numpy as np
 
 from gemma_cse.cli import UserError, run
 from gemma_cse.data import (
+    BLIND_OUT_OF_SCOPE_FILE,
     BLIND_TEST_FILE,
     Entry,
+    OutOfScope,
     load_blind_test,
     load_entries,
     load_out_of_scope,
@@ -46,6 +48,7 @@ ANSWERED = ("answered", "fallback")  # statuses that put KB text in front of the
 EXPECTED_STATUSES = ("answered", "out_of_scope", "refused", "chitchat", "self_harm")
 GOT_STATUSES = (*EXPECTED_STATUSES, "fallback")
 IN_SCOPE = "in_scope"
+TEST_SPLIT = "test split"  # the default evaluation sets (Item.subset)
 BLIND_TEST = "blind test"
 RANKING_DEPTH = 10  # retrieval ranking kept per question (MRR is MRR@10)
 GOALS = {  # metric → (comparison, target), on the held-out test
@@ -240,7 +243,7 @@ class Item:
     gold_topic: str = ""
     gold_category: str = ""
     gold_answer: str = ""
-    subset: str = ""  # which in-scope set it comes from (test split, blind test, a file)
+    subset: str = ""  # the evaluation set it belongs to (test split, blind test; "" for a file)
 
 
 def in_scope_item(question: str, entry: Entry, item_id: str, subset: str) -> Item:
@@ -284,45 +287,54 @@ def load_items(
     ``data``: None for the held-out test of ``kb``: its test split (one unseen variant per
     entry) and, for the committed KB, the blind test (``data/cse/blind_test.jsonl``); or a
     CSV/JSONL file or folder whose every question is asked with its entry as gold.
-    ``out_of_scope``: "default" for the test half of ``data/cse/out_of_scope.jsonl``, a path
-    for all of that file, or None for none. ``limit``: the first N in-scope questions.
+    ``out_of_scope``: "default" for the test half of ``data/cse/out_of_scope.jsonl`` and, with
+    the blind test, ``data/cse/blind_out_of_scope.jsonl``; a path for all of that file, or None
+    for none. ``limit``: the first N in-scope questions. Each item names its ``subset``: the
+    default sets are "test split" (its questions and the out-of-scope test half) and "blind
+    test" (both blind files), so that the goals can be read on each alone.
     """
     entries = load_entries(kb) if kb else load_entries()
+    blind = data is None and kb is None
     if data is None:
-        split = f"test split (seed {seed})"
         examples = make_splits(entries, seed=seed).test
         items = [
-            in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#test", split) for ex in examples
+            in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#test", TEST_SPLIT)
+            for ex in examples
         ]
-        source = f"held-out {split}"
-        if kb is None:
-            blind = load_blind_test(entries)
+        source = f"held-out test split (seed {seed})"
+        if blind:
+            questions = load_blind_test(entries)
             items += [
                 in_scope_item(ex.question, ex.entry, f"{ex.entry.id}#blind{i}", BLIND_TEST)
-                for i, ex in enumerate(blind)
+                for i, ex in enumerate(questions)
             ]
-            source += f" + {BLIND_TEST} ({len(blind)} questions, {BLIND_TEST_FILE.name})"
+            source += f" + {BLIND_TEST} ({len(questions)} questions, {BLIND_TEST_FILE.name})"
     else:
         asked = load_entries(data)
         items = [
-            in_scope_item(q, gold, f"{e.id}#{i}", str(data))
+            in_scope_item(q, gold, f"{e.id}#{i}", "")
             for e, gold in zip(asked, _golds_in_kb(asked, entries, data), strict=True)
             for i, q in enumerate(e.questions)
         ]
         source = str(data)
     items = items[:limit] if limit else items
+    oos: list[tuple[OutOfScope, str]] = []
     oos_source = "none"
     if out_of_scope == "default":
         from gemma_cse.guard import split_out_of_scope  # the guard calibrates on the other half
 
-        _, oos = split_out_of_scope(load_out_of_scope())
-        oos_source = f"test half of out_of_scope.jsonl ({len(oos)} messages; guard's split)"
+        _, half = split_out_of_scope(load_out_of_scope())
+        oos = [(o, TEST_SPLIT if data is None else "") for o in half]
+        oos_source = f"test half of out_of_scope.jsonl ({len(half)} messages; guard's split)"
+        if blind:
+            _, extra = split_out_of_scope(load_out_of_scope(BLIND_OUT_OF_SCOPE_FILE))
+            oos += [(o, BLIND_TEST) for o in extra]
+            name = BLIND_OUT_OF_SCOPE_FILE.name
+            oos_source += f" + {BLIND_TEST}: test half of {name} ({len(extra)} messages)"
     elif out_of_scope:
-        oos = load_out_of_scope(out_of_scope)
+        oos = [(o, "") for o in load_out_of_scope(out_of_scope)]
         oos_source = str(out_of_scope)
-    else:
-        oos = []
-    items += [Item(o.id, o.text, o.expected, o.kind) for o in oos]
+    items += [Item(o.id, o.text, o.expected, o.kind, subset=subset) for o, subset in oos]
     return items, {"in_scope": source, "out_of_scope": oos_source}
 
 
@@ -566,13 +578,35 @@ def system_metrics(
         "clean_stop_rate": len(generated),
     }
     metrics["goals"] = {name: _goal(metrics[name], name, shares_of.get(name)) for name in GOALS}
-    by_set: dict[str, list[bool]] = defaultdict(list)
-    for i in ins:
-        by_set[items[i].get("subset") or "in scope"].append(scored[i]["right_topic"])
-    metrics["right_topic_by_set"] = {  # the goal on each in-scope set alone
-        name: _goal(sum(v) / len(v), "right_topic", len(v)) for name, v in by_set.items()
-    }
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        groups[item.get("subset", "")].append(i)
+    metrics["by_set"] = {name: _set_goals(items, scored, idx) for name, idx in groups.items()}
     return metrics
+
+
+SET_GOALS = ("right_topic", "oos_f1", "false_refusal_rate")  # the goals a set has alone
+
+
+def _set_goals(items: Sequence[dict], scored: Sequence[dict], indices: Sequence[int]) -> dict:
+    """``SET_GOALS`` on the items at ``indices`` alone (an evaluation set: Item.subset)."""
+    ins = [i for i in indices if items[i]["kind"] == IN_SCOPE]
+    n_oos = len(indices) - len(ins)
+    f1 = None
+    if ins and n_oos:
+        expected = [items[i]["expected"] for i in indices]
+        f1 = declined_prf(expected, [scored[i]["status_handled"] for i in indices])["f1"]
+    refusals = false_refusal_rate([scored[i]["status"] for i in ins]) if ins else None
+    values = {
+        "right_topic": (_mean([scored[i]["right_topic"] for i in ins]), len(ins)),
+        "oos_f1": (f1, None),
+        "false_refusal_rate": (refusals, len(ins)),
+    }
+    return {
+        "n_in_scope": len(ins),
+        "n_out_of_scope": n_oos,
+        "goals": {name: _goal(value, name, n) for name, (value, n) in values.items()},
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -602,10 +636,6 @@ def _fmt_goal(goal: dict | None) -> str:
     mark = {True: "✅", False: "❌", None: ""}[goal["pass"]]
     spread = f" ({_fmt_interval(goal)})" if goal["ci95"] else ""
     return f"{_fmt(goal['value'])} {mark}{spread}".strip()
-
-
-def _set_size(per_system: dict, name: str) -> int:
-    return max((m["right_topic_by_set"].get(name) or {}).get("n") or 0 for m in per_system.values())
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -879,14 +909,19 @@ def _report_md(per_system, meta, runs, figures, curves, errors) -> str:
         row += [_fmt_goal(per_system[label]["goals"][goal]) for label in labels]
         rows.append(row)
     out += [md_table(["goal", "target", *labels], rows), ""]
-    sets = list(dict.fromkeys(k for m in per_system.values() for k in m["right_topic_by_set"]))
+    sets = list(dict.fromkeys(k for m in per_system.values() for k in m["by_set"]))
     if len(sets) > 1:
-        rows = [
-            [f"right source topic, {name}", f"n = {_set_size(per_system, name)}"]
-            + [_fmt_goal(per_system[label]["right_topic_by_set"].get(name)) for label in labels]
-            for name in sets
-        ]
-        out += [md_table(["goal on each set alone", "", *labels], rows), ""]
+        rows = []
+        for name in sets:
+            first = next(m["by_set"][name] for m in per_system.values() if name in m["by_set"])
+            size = f"{first['n_in_scope']} + {first['n_out_of_scope']}"
+            for goal in SET_GOALS:
+                cells = [
+                    _fmt_goal(per_system[label]["by_set"].get(name, {}).get("goals", {}).get(goal))
+                    for label in labels
+                ]
+                rows.append([f"{GOAL_NAMES[goal]}, {name}", size, *cells])
+        out += [md_table(["goal on each set alone", "in scope + out of scope", *labels], rows), ""]
     out += [
         "Out-of-scope F1: detecting that a message must not be answered from the knowledge base "
         "(any status but an answer), over in-scope and out-of-scope questions. Faithfulness: "
@@ -1383,11 +1418,12 @@ def main(argv: list[str] | None = None) -> int:
         known = sum(g["pass"] is not None for g in m["goals"].values())
         right = m["goals"]["right_topic"]
         spread = f" (95% CI {_fmt_interval(right)})" if right["ci95"] else ""
-        if len(m["right_topic_by_set"]) > 1:
+        if len(m["by_set"]) > 1:
             spread += (
                 " ["
                 + ", ".join(
-                    f"{name} {_fmt(g['value'])}" for name, g in m["right_topic_by_set"].items()
+                    f"{name} {_fmt(s['goals']['right_topic']['value'])}"
+                    for name, s in m["by_set"].items()
                 )
                 + "]"
             )
