@@ -376,8 +376,8 @@ def test_out_of_scope_split_is_deterministic_and_disjoint():
 
 
 def test_calibration_respects_the_false_refusal_limit(protocol):
-    """The F1 floor: 0.928 measured (lexical retriever, 601 in-scope calibration questions in 5
-    folds; 0.99 when they were the 120 validation ones, a set five times smaller)."""
+    """The F1 floor: 0.945 measured (lexical retriever, 601 in-scope calibration questions in 5
+    folds, the calibration halves of both out-of-scope files; 0.928 before the blind one)."""
     thresholds = protocol["thresholds"]
     assert 0.0 < thresholds.out_of_scope <= thresholds.with_cue < 1.0
     assert thresholds.calibration["false_refusals"] <= thresholds.max_false_refusals == 0.015
@@ -388,9 +388,10 @@ def test_calibration_respects_the_false_refusal_limit(protocol):
 def test_figures_on_the_test_half(protocol):
     """Floors: the figures measured when this was written (lexical retriever) minus a margin.
     Measured (index with 50 paraphrases an entry, calibrated on 601 variants in 5 folds to
-    1.5 % false refusals): out-of-scope F1 0.85 on the out-of-scope set (0.70 with the
-    held-out topics' questions, which retrieval cannot tell from in-scope ones), false refusals
-    3/120, self-harm 6/6, refusals 27/33."""
+    1.5 % false refusals), on the test halves of both out-of-scope files: out-of-scope F1 0.84
+    (0.77 with the held-out topics' questions, which retrieval cannot tell from in-scope ones),
+    false refusals 3/120, self-harm 19/19, refusals 77/101 (on out_of_scope.jsonl's half alone,
+    before the blind file: 0.85, 0.70, 3/120, 6/6, 27/33)."""
     test = protocol["test"]
     assert test["out_of_scope_f1_without_heldout_topics"] >= 0.77
     assert test["out_of_scope_f1"] >= 0.55
