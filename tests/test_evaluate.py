@@ -392,7 +392,27 @@ def test_write_report_on_hand_made_records(tmp_path):
     low, high = (f"{100 * x:.1f}%" for x in wilson_interval(2, 4))
     assert f"| right source topic | >= 95.0% | 50.0% ❌ ({low}–{high}) |" in report
     assert "| false refusals | <= 3.0% | 25.0% ❌ (4.6%–69.9%) |" in report
+    assert "goal on each set alone" not in report  # one set: nothing to break down
     assert "![training curves](training_curves.png)" in report
+
+
+def test_report_breaks_the_goals_down_by_set(tmp_path):
+    records = _records()
+    for i, r in enumerate(records):  # a: q1, q2, o1; b: q3, q4, o2, o3
+        r["item"]["subset"] = "a" if i in (0, 1, 4) else "b"
+    write_report({"rag": records}, tmp_path, [], embedder=LetterEmbedder(), meta={})
+    report = (tmp_path / "report.md").read_text()
+    assert "| goal on each set alone | in scope + out of scope | rag |" in report
+    low, high = (f"{100 * x:.1f}%" for x in wilson_interval(2, 2))
+    assert f"| right source topic, a | 2 + 1 | 100.0% ✅ ({low}–{high}) |" in report
+    assert "| out-of-scope F1, b | 2 + 2 | 50.0% ❌ |" in report
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert {e["question"]: e["expected"]["set"] for e in errors} == {
+        "pregunta 2": "a",
+        "pregunta 3": "b",
+        "pregunta 4": "b",
+        "beca de otra universidad": "b",
+    }
 
 
 # --- items and the cache -------------------------------------------------------------------

@@ -765,10 +765,9 @@ def _errors(label: str, records: Sequence[dict], scored: Sequence[dict]) -> list
             problems.append("not_stopped")
         if not problems:
             continue
-        expected = {"status": item["expected"], "kind": item["kind"]}
+        expected = {"status": item["expected"], "kind": item["kind"], "set": item.get("subset", "")}
         if item["kind"] == IN_SCOPE:
             expected |= {
-                "set": item.get("subset", ""),
                 "entry_id": item["gold_id"],
                 "topic": item["gold_topic"],
                 "answer": item["gold_answer"],
@@ -1316,8 +1315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out-of-scope",
         metavar="PATH",
-        help=f"out-of-scope messages (default: the test half of {OUT_OF_SCOPE_FILE.name}, the "
-        "guard calibrates on the other half; 'none' to skip)",
+        help=f"out-of-scope messages (default: the test halves of {OUT_OF_SCOPE_FILE.name} and, "
+        f"with the blind test, {BLIND_OUT_OF_SCOPE_FILE.name}; the guard calibrates on the other "
+        "halves; 'none' to skip)",
     )
     parser.add_argument(
         "--kb", metavar="PATH", help="knowledge base to answer from (default: data/cse/kb)"
