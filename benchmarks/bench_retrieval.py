@@ -174,12 +174,13 @@ def main() -> None:
         every_variant()
         return
 
-    splits = make_splits(load_entries())
+    kb = load_entries()
+    splits = make_splits(kb)
     entries = train_entries(splits)
     query_sets = {
         "validation": splits.validation,
         "test": splits.test,
-        "blind": load_blind_test(load_entries()),
+        "blind": load_blind_test(kb),
     }
     items = load_out_of_scope()
     out_of_scope = [o.text for o in items]
